@@ -1,0 +1,174 @@
+"""Plots the chapters share, so notebook cells stay short.
+
+Every function returns the matplotlib ``Figure`` (Jupyter shows it; ``fig.savefig`` saves it).
+
+Example:
+    >>> fig = image_grid(images[:16], titles=[str(y) for y in labels[:16]])
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def _hwc(img):
+    """A CHW/HW tensor or array in [0, 1] as an HWC (or HW) numpy array for imshow."""
+    img = img.detach().float().cpu().numpy() if torch.is_tensor(img) else np.asarray(img, dtype=float)
+    if img.ndim == 3 and img.shape[0] in (1, 3):
+        img = np.transpose(img, (1, 2, 0))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    return np.clip(img, 0, 1)
+
+
+def image_grid(images, titles=None, ncols=8, size=1.3, suptitle=None):
+    """Show images (tensor [N, C, H, W] or list) in a grid, optional title per image."""
+    n = len(images)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.1), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        img = _hwc(images[i])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def image_rows(rows: dict, size=1.2):
+    """Rows of images with a label on the left, e.g. ``{"original": x, "reconstruction": x_hat}``."""
+    names = list(rows)
+    ncols = len(rows[names[0]])
+    fig, axes = plt.subplots(len(names), ncols, figsize=(ncols * size, len(names) * size), squeeze=False)
+    for r, name in enumerate(names):
+        for c in range(ncols):
+            ax = axes[r, c]
+            img = _hwc(rows[name][c])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([]); ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _smooth(values, k):
+    if k <= 1 or len(values) < k:
+        return np.asarray(values)
+    return np.convolve(values, np.ones(k) / k, mode="valid")
+
+
+def history_figure(history, smooth=20):
+    """Left: training loss per step (raw and smoothed). Right: per-epoch validation columns."""
+    val_cols = [k for k in (history.epochs[0] if history.epochs else {}) if k.startswith("val_")]
+    fig, axes = plt.subplots(1, 2 if val_cols else 1, figsize=(10 if val_cols else 5.5, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    steps = np.asarray(history.steps)
+    ax.plot(steps, alpha=0.3, label="per step")
+    sm = _smooth(steps, smooth)
+    ax.plot(np.arange(len(sm)) + (len(steps) - len(sm)), sm, label=f"mean of {smooth}")
+    ax.set_xlabel("step"); ax.set_ylabel("training loss"); ax.legend(); ax.grid(alpha=0.3)
+    if val_cols:
+        ax = axes[0, 1]
+        epochs = history["epoch"]
+        for col in val_cols:
+            ax.plot(epochs, history[col], marker="o", label=col)
+        ax.set_xlabel("epoch"); ax.legend(); ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def curves(series: dict, xlabel="epoch", ylabel="", title=None, x=None):
+    """Several named lines on one axis, e.g. ``{"MSE": losses_a, "BCE": losses_b}``."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for name, ys in series.items():
+        ax.plot(x if x is not None else np.arange(1, len(ys) + 1), ys, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_labels(budgets, results: dict, title="accuracy vs labels per class"):
+    """Mean +- spread over seeds per method: ``results = {"scratch": [[seed accs] per budget], ...}``."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, per_budget in results.items():
+        arr = [np.asarray(v, dtype=float) for v in per_budget]
+        mean = np.array([a.mean() for a in arr]); std = np.array([a.std() for a in arr])
+        ax.errorbar(budgets, mean, yerr=std, marker="o", capsize=3, label=name)
+    ax.set_xscale("log"); ax.set_xticks(budgets); ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("labelled examples per class"); ax.set_ylabel("test accuracy")
+    ax.set_title(title); ax.grid(alpha=0.3); ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def embedding(points, labels, classes=None, title=None, s=6):
+    """A 2-D scatter of points (e.g. t-SNE or a 2-D latent code) coloured by class."""
+    points = points.detach().cpu().numpy() if torch.is_tensor(points) else np.asarray(points)
+    labels = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    cmap = plt.get_cmap("tab10")
+    for c in np.unique(labels):
+        m = labels == c
+        ax.scatter(points[m, 0], points[m, 1], s=s, color=cmap(int(c) % 10),
+                   label=classes[c] if classes is not None else str(c))
+    ax.legend(markerscale=2, fontsize=7, loc="best", ncol=2)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion(y_true, y_pred, classes=None, normalize=None, title=None):
+    """A confusion matrix (scikit-learn's display)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(4.5 if classes is None or len(classes) < 4 else 7, 4.5))
+    ConfusionMatrixDisplay.from_predictions(np.asarray(y_true), np.asarray(y_pred), display_labels=classes,
+                                            normalize=normalize, ax=ax, colorbar=False,
+                                            values_format=".2f" if normalize else "d")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(matrix, xlabels=None, ylabels=None, title=None, ax=None, cmap="viridis"):
+    """A matrix as an image with optional tick labels (attention weights, similarities, ...)."""
+    matrix = matrix.detach().float().cpu().numpy() if torch.is_tensor(matrix) else np.asarray(matrix)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * matrix.shape[1] + 1.5), max(3.5, 0.35 * matrix.shape[0] + 1)))
+    else:
+        fig = ax.figure
+    im = ax.imshow(matrix, cmap=cmap)
+    if xlabels is not None:
+        ax.set_xticks(range(len(xlabels))); ax.set_xticklabels(xlabels, rotation=90, fontsize=8)
+    if ylabels is not None:
+        ax.set_yticks(range(len(ylabels))); ax.set_yticklabels(ylabels, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def bars(values: dict, ylabel="", title=None, errors: dict | None = None):
+    """A bar chart of named values, optionally with error bars."""
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(values)), 3.2))
+    names = list(values)
+    ax.bar(names, [values[n] for n in names],
+           yerr=[errors[n] for n in names] if errors else None, capsize=4, color="tab:blue")
+    ax.set_ylabel(ylabel); ax.grid(alpha=0.3, axis="y")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

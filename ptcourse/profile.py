@@ -1,0 +1,112 @@
+"""Run profiles: one switch that sizes every notebook for the machine it runs on.
+
+=========  ==========================  ==============================================
+profile    chosen when                 what it means for the numbers
+=========  ==========================  ==============================================
+``smoke``  CI and ``pytest``           tiny real subsets: checks that the code runs;
+                                       the numbers are not meaningful
+``cpu``    no GPU found                larger subsets, fewer epochs (10-15 min/chapter)
+``gpu``    CUDA found                  full data and full models (up to ~30 min/chapter)
+=========  ==========================  ==============================================
+
+``PTCOURSE_PROFILE`` overrides the automatic choice and ``PTCOURSE_DEVICE`` the device.
+
+Example:
+    >>> import ptcourse
+    >>> P = ptcourse.profile()
+    >>> epochs = P.pick(smoke=1, cpu=5, gpu=30)
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+
+_MEANING = {
+    "smoke": "smoke: tiny subsets to check the code runs; the numbers are not meaningful",
+    "cpu": "cpu: larger subsets and fewer epochs; numbers are indicative, below what a GPU run reaches",
+    "gpu": "gpu: full datasets and full-size models; numbers comparable to published ones",
+}
+
+
+def best_device() -> torch.device:
+    """The fastest device here: CUDA, then Apple MPS, then the CPU (``PTCOURSE_DEVICE`` overrides)."""
+    forced = os.environ.get("PTCOURSE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def best_precision(device: torch.device) -> str:
+    """``bf16`` on a CUDA GPU that supports it, ``fp16`` (with a gradient scaler) on older GPUs, else ``fp32``."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Which profile, device and precision this run uses.
+
+    Example:
+        >>> P = Profile("smoke", torch.device("cpu"), "fp32")
+        >>> P.pick(smoke=100, cpu=5_000, gpu=50_000)
+        100
+    """
+
+    name: str
+    device: torch.device
+    precision: str
+
+    def pick(self, *, smoke, cpu, gpu):
+        """Return the value for this profile."""
+        return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[self.name]
+
+    @property
+    def meaning(self) -> str:
+        return _MEANING[self.name]
+
+    def __str__(self) -> str:
+        return (f"ptcourse profile={self.name} device={self.device} precision={self.precision}\n"
+                f"  {self.meaning}")
+
+
+def profile() -> Profile:
+    """Detect the run profile (``PTCOURSE_PROFILE`` overrides) with its device and precision.
+
+    Example:
+        >>> P = profile()
+        >>> P.name in ("smoke", "cpu", "gpu")
+        True
+    """
+    device = best_device()
+    name = os.environ.get("PTCOURSE_PROFILE", "").strip().lower()
+    if name and name not in PROFILES:
+        raise ValueError(f"PTCOURSE_PROFILE={name!r} is not a profile; use one of {', '.join(PROFILES)} "
+                         "(or unset it to choose automatically).")
+    if not name:
+        name = "gpu" if device.type == "cuda" else "cpu"
+    return Profile(name, device, best_precision(device))
+
+
+def seed_everything(seed: int = 0) -> int:
+    """Seed Python, NumPy and PyTorch (all devices) so a run can be repeated.
+
+    Example:
+        >>> _ = seed_everything(0); a = torch.rand(1)
+        >>> _ = seed_everything(0); bool(torch.rand(1) == a)
+        True
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
