@@ -11,7 +11,7 @@ One module per concept: ``profile`` (run profiles, seeding), ``data`` (datasets)
 ``checks`` (exercise checks), ``report`` (results), ``doctor`` (environment check),
 ``exercises`` (builds exercises/ from solutions/).
 """
-from . import checkpoint, data, losses, plots
+from . import checkpoint, data, losses, plots, probes
 from .doctor import doctor
 from .history import History
 from .profile import Profile, profile, seed_everything
@@ -20,4 +20,4 @@ from .training import NonFiniteLossError, accuracy, evaluate, fit, predict
 
 __version__ = "0.1.0"
 __all__ = ["Profile", "profile", "seed_everything", "doctor", "data", "fit", "evaluate", "predict",
-           "accuracy", "History", "NonFiniteLossError", "report", "losses", "plots", "checkpoint"]
+           "accuracy", "History", "NonFiniteLossError", "report", "losses", "plots", "probes", "checkpoint"]

@@ -1,0 +1,86 @@
+"""Judging a representation without fine-tuning it: frozen features, kNN and a linear probe.
+
+Example:
+    >>> train_f = extract_features(encoder, train_set)          # [N, d], encoder frozen
+    >>> test_f = extract_features(encoder, test_set)
+    >>> knn_accuracy(train_f, train_set.labels, test_f, test_set.labels, k=20)
+    >>> linear_probe(train_f, train_set.labels, test_f, test_set.labels)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .profile import best_device
+
+
+@torch.no_grad()
+def extract_features(model, data, batch_size: int = 256, device=None) -> torch.Tensor:
+    """Run ``model`` in eval mode over images and return the outputs, on the CPU, in order.
+
+    ``data`` is a tensor of inputs [N, ...], a Dataset of ``(x, y)`` pairs, or a DataLoader.
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else best_device()
+    if torch.is_tensor(data):
+        batches = (data[i:i + batch_size] for i in range(0, len(data), batch_size))
+    else:
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+        batches = (b[0] if isinstance(b, (list, tuple)) else b for b in loader)
+    was_training = model.training
+    model.eval().to(device)
+    feats = [model(x.to(device)).flatten(1).float().cpu() for x in batches]
+    model.train(was_training)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, query_feats, k: int = 200, temperature: float = 0.07,
+                num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-nearest-neighbour vote with cosine similarity (Wu et al. 2018, as used for SimCLR/MoCo).
+
+    Each of the ``k`` most similar training examples votes for its class with weight
+    ``exp(similarity / temperature)``; the class with the largest total wins.
+    """
+    train_labels = torch.as_tensor(train_labels)
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = min(k, len(train_feats))
+    bank = F.normalize(train_feats.float(), dim=1)
+    preds = []
+    for start in range(0, len(query_feats), chunk):
+        q = F.normalize(query_feats[start:start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 200,
+                 temperature: float = 0.07) -> float:
+    """Accuracy of :func:`knn_predict` on the test features."""
+    pred = knn_predict(train_feats, train_labels, test_feats, k, temperature)
+    return float((pred == torch.as_tensor(test_labels)).float().mean())
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float | None = None,
+                 seed: int = 0) -> float:
+    """Test accuracy of a logistic regression on frozen, standardised features (scikit-learn).
+
+    ``C`` (inverse regularisation) is chosen by 3-fold cross-validation on the training
+    features when not given and every class has at least 3 examples; else 1.0.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xtr, ytr = np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels)
+    xte, yte = np.asarray(test_feats, dtype=np.float64), np.asarray(test_labels)
+    if C is None and np.bincount(ytr).min() >= 3:
+        clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], l1_ratios=(0.0,), cv=3, max_iter=2000,
+                                   random_state=seed)
+    else:
+        clf = LogisticRegression(C=C or 1.0, max_iter=2000, random_state=seed)
+    model = make_pipeline(StandardScaler(), clf).fit(xtr, ytr)
+    return float((model.predict(xte) == yte).mean())
