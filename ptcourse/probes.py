@@ -78,7 +78,7 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float | 
     xtr, ytr = np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels)
     xte, yte = np.asarray(test_feats, dtype=np.float64), np.asarray(test_labels)
     if C is None and np.bincount(ytr).min() >= 3:
-        clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], l1_ratios=(0.0,), cv=3, max_iter=2000,
+        clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], l1_ratios=(0.0,), cv=3, scoring="accuracy", max_iter=2000,
                                    random_state=seed)
     else:
         clf = LogisticRegression(C=C or 1.0, max_iter=2000, random_state=seed)
