@@ -71,16 +71,19 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float | 
     ``C`` (inverse regularisation) is chosen by 3-fold cross-validation on the training
     features when not given and every class has at least 3 examples; else 1.0.
     """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     xtr, ytr = np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels)
     xte, yte = np.asarray(test_feats, dtype=np.float64), np.asarray(test_labels)
-    if C is None and np.bincount(ytr).min() >= 3:
-        clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], l1_ratios=(0.0,), cv=3, scoring="accuracy", max_iter=2000,
-                                   random_state=seed)
-    else:
-        clf = LogisticRegression(C=C or 1.0, max_iter=2000, random_state=seed)
-    model = make_pipeline(StandardScaler(), clf).fit(xtr, ytr)
-    return float((model.predict(xte) == yte).mean())
+
+    def probe(c):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+
+    if C is None:
+        C = 1.0
+        if np.bincount(ytr).min() >= 3:
+            C = max((0.01, 0.1, 1.0, 10.0), key=lambda c: cross_val_score(probe(c), xtr, ytr, cv=3).mean())
+    return float((probe(C).fit(xtr, ytr).predict(xte) == yte).mean())
