@@ -172,3 +172,55 @@ def bars(values: dict, ylabel="", title=None, errors: dict | None = None):
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def pretrain_finetune_diagram(title="Pretraining, then fine-tuning"):
+    """The course's one idea as a picture: pretrain on cheap unlabelled data, fine-tune on few labels.
+
+    Top row: unlabelled data -> pretraining -> a pretrained encoder (a representation).
+    Bottom row: the encoder plus a small head, fine-tuned on a few labelled examples, beside
+    the baseline that trains the same network from random weights on the same labels.
+
+    Example:
+        >>> fig = pretrain_finetune_diagram()
+        >>> fig.savefig("pipeline.png")
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    ax.set_xlim(0, 10); ax.set_ylim(0, 4.4); ax.axis("off")
+    colours = {"data": "#dbe9f6", "step": "#fde2c8", "model": "#d5efd5", "base": "#eeeeee"}
+
+    def box(x, y, text, kind, w=2.3, h=1.0):
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                    facecolor=colours[kind], edgecolor="0.35"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+    def arrow(x0, y0, x1, y1, text=None, dashed=False):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=14,
+                                     color="0.3", linestyle="--" if dashed else "-"))
+        if text:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, text, ha="center", va="bottom", fontsize=8,
+                    color="0.25")
+
+    ax.text(0.05, 4.2, "1. pretraining: lots of cheap data, no labels", fontsize=10, weight="bold")
+    box(1.4, 3.3, "many unlabelled\nexamples\n(images, sentences)", "data")
+    box(5.0, 3.3, "pretext task\nreconstruct / contrast /\npredict masked words", "step", w=2.6)
+    box(8.6, 3.3, "pretrained encoder\n(a representation)", "model")
+    arrow(2.6, 3.3, 3.65, 3.3)
+    arrow(6.35, 3.3, 7.4, 3.3, "learn weights")
+
+    ax.text(0.05, 2.05, "2. fine-tuning: the task, with few labels", fontsize=10, weight="bold")
+    box(1.4, 1.2, "a few labelled\nexamples\n(e.g. 10 per class)", "data")
+    box(5.0, 1.2, "encoder + new head\ntrain (all or part)\nwith fit(...)", "step", w=2.6)
+    box(8.6, 1.2, "task model\n(accuracy with\nfew labels)", "model")
+    arrow(2.6, 1.2, 3.65, 1.2)
+    arrow(6.35, 1.2, 7.4, 1.2)
+    arrow(8.6, 2.75, 5.6, 1.75)
+    ax.text(7.35, 2.3, "copy the weights", fontsize=8, color="0.25", rotation=-17)
+    ax.text(5.0, 0.25, "baseline: the same network from random weights on the same labels ('scratch').\n"
+            "Every chapter measures task accuracy: pretrained + fine-tuned vs scratch.",
+            ha="center", va="center", fontsize=8.5, style="italic", color="0.25")
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
