@@ -13,7 +13,7 @@ stripped from both. The first cell of every notebook is the standard setup cell.
 Usage::
 
     python -m ptcourse.exercises build     # write exercises/ from solutions/
-    python -m ptcourse.exercises check     # exit 1 if exercises/ is out of date
+    python -m ptcourse.exercises check     # exit 1 if exercises/ is out of date (or: build --check)
 """
 from __future__ import annotations
 
@@ -121,9 +121,12 @@ def setup_cell_problems(root: Path = ROOT) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptcourse.exercises", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "check"])
+    parser.add_argument("--check", action="store_true", help="same as the 'check' command: write nothing, "
+                        "exit 1 when exercises/ is out of date")
     args = parser.parse_args(argv)
-    stale = build(check=args.command == "check")
-    if args.command == "check":
+    checking = args.command == "check" or args.check
+    stale = build(check=checking)
+    if checking:
         if stale:
             print("exercises/ is out of date for: " + ", ".join(p.name for p in stale) +
                   "\nRun: python -m ptcourse.exercises build")

@@ -224,3 +224,29 @@ def pretrain_finetune_diagram(title="Pretraining, then fine-tuning"):
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def attention_grid(weights, tokens, ncols=6, size=1.9, title=None):
+    """Every head's attention matrix of one layer: ``weights`` [heads, n, n], rows = queries.
+
+    Example:
+        >>> out = model(**enc, output_attentions=True)      # model loaded with attn_implementation="eager"
+        >>> fig = attention_grid(out.attentions[0][0], tokenizer.convert_ids_to_tokens(enc["input_ids"][0]))
+    """
+    weights = weights.detach().float().cpu().numpy() if torch.is_tensor(weights) else np.asarray(weights)
+    heads, n = weights.shape[0], weights.shape[-1]
+    nrows = math.ceil(heads / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    show_ticks = n <= 16
+    for h, ax in enumerate(axes.flat[:heads]):
+        ax.imshow(weights[h], cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"head {h}", fontsize=8)
+        if show_ticks and h % ncols == 0:
+            ax.axis("on"); ax.set_xticks([])
+            ax.set_yticks(range(n)); ax.set_yticklabels(tokens, fontsize=5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,2 +1,117 @@
-"""Checks for the exercises of chapter contrastive (filled in by that chapter)."""
-__all__: list[str] = []
+"""Checks for the exercises of chapter 02 (contrastive learning): NT-Xent, two views, kNN."""
+from __future__ import annotations
+
+import torch
+
+from . import CheckResult, compare
+
+__all__ = ["check_nt_xent", "check_two_views", "check_knn_predict"]
+
+
+def _nt_xent_cases():
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n, d, t in [(4, 8, 0.5), (8, 16, 0.1), (16, 32, 0.05), (3, 5, 1.0), (32, 128, 0.2), (6, 4, 0.5)]:
+        scale = 1 + 9 * torch.rand(2 * n, 1, generator=g)       # unequal norms: normalising matters
+        z = torch.randn(2 * n, d, generator=g) * scale
+        z[n:] = 0.7 * z[n:] + 0.5 * z[:n] * scale[n:] / scale[:n]  # positives somewhat aligned
+        cases.append((z[:n].clone(), z[n:].clone(), t))
+    return cases
+
+
+def check_nt_xent(nt_xent_fn, quiet: bool = False) -> CheckResult:
+    """``nt_xent_fn(z1, z2, temperature)`` must equal ``ptcourse.losses.nt_xent`` (value and gradients).
+
+    Example:
+        >>> check_nt_xent(ptcourse.losses.nt_xent)
+    """
+    from ..losses import nt_xent
+    return compare("check_nt_xent", nt_xent_fn, nt_xent, _nt_xent_cases(), grad=True, quiet=quiet,
+                   hint="normalise the rows of cat([z1, z2]), divide the similarities by the temperature, "
+                        "mask the diagonal (self-similarity) with -inf, and use all 2N rows as anchors: "
+                        "row i's positive is row i+N (and row i+N's is row i); then F.cross_entropy.")
+
+
+def _random_transform(x):
+    """A transform that uses the global torch RNG (so two calls give two different views)."""
+    shift = int(torch.randint(0, x.shape[-1], (1,)))
+    return torch.roll(x, shifts=shift, dims=-1) * (0.5 + torch.rand(1))
+
+
+def check_two_views(two_views_cls, quiet: bool = False) -> CheckResult:
+    """``two_views_cls(dataset, transform)`` must be a Dataset whose item ``i`` is two augmented views.
+
+    The dataset's items are ``(image, label)``; item ``i`` of the wrapper must be
+    ``(transform(image_i), transform(image_i))`` from two separate calls of the transform
+    (so the two views differ), and its length that of the dataset.
+
+    Example:
+        >>> check_two_views(TwoViews)
+    """
+    from ..data import ImageDataset
+
+    g = torch.Generator().manual_seed(1)
+    base = ImageDataset(torch.randint(0, 256, (7, 3, 6, 6), dtype=torch.uint8, generator=g),
+                        torch.arange(7) % 3, ["a", "b", "c"])
+
+    def reference(seed, i):
+        torch.manual_seed(seed)
+        x, _ = base[i]
+        return _random_transform(x), _random_transform(x)
+
+    def name(msg):
+        text = f"❌ check_two_views: {msg}\n   Hint: read the image (ignore the label) with `x, _ = self.dataset[i]` " \
+               "and return `self.transform(x), self.transform(x)`: two calls, two different random views."
+        if not quiet:
+            print(text)
+        return CheckResult(False, text)
+
+    try:
+        ds = two_views_cls(base, _random_transform)
+        n = len(ds)
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        return name(f"building it or taking len() raised {type(err).__name__}: {err}")
+    if n != len(base):
+        return name(f"len() is {n}, expected {len(base)} (the length of the wrapped dataset)")
+
+    def student(seed, i):
+        torch.manual_seed(seed)
+        return ds[i]
+
+    return compare("check_two_views", student, reference, [(s, i) for s, i in [(0, 0), (1, 3), (2, 6), (3, 2)]],
+                   quiet=quiet, hint="item i is (transform(x_i), transform(x_i)) from two separate calls, "
+                                     "no label; the transform makes each view random.")
+
+
+def _knn_cases():
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for n, q, d, c, k, t in [(200, 150, 16, 5, 20, 0.07), (120, 100, 8, 4, 15, 0.1), (60, 80, 32, 10, 60, 0.07),
+                             (300, 100, 16, 3, 1, 0.07)]:
+        means = torch.randn(c, d, generator=g)
+        ytr = torch.randint(0, c, (n,), generator=g)
+        xtr = (means[ytr] + 1.2 * torch.randn(n, d, generator=g)) * (0.2 + 5 * torch.rand(n, 1, generator=g))
+        yq = torch.randint(0, c, (q,), generator=g)
+        xq = (means[yq] + 1.2 * torch.randn(q, d, generator=g)) * (0.2 + 5 * torch.rand(q, 1, generator=g))
+        cases.append((xtr, ytr, xq, k, t))
+    return cases
+
+
+def check_knn_predict(knn_fn, quiet: bool = False) -> CheckResult:
+    """``knn_fn(train_feats, train_labels, query_feats, k, temperature)`` must predict like
+    ``ptcourse.probes.knn_predict`` (cosine similarity, top-k, votes weighted by exp(sim / t)).
+
+    Example:
+        >>> check_knn_predict(ptcourse.probes.knn_predict)
+    """
+    from ..probes import knn_predict
+
+    def reference(xtr, ytr, xq, k, t):
+        return knn_predict(xtr, ytr, xq, k=k, temperature=t)
+
+    return compare("check_knn_predict", knn_fn, reference, _knn_cases(), quiet=quiet,
+                   hint="L2-normalise both feature sets, sim = query @ train.T, take the top-k similarities, "
+                        "let each neighbour vote for its label with weight exp(sim / temperature) "
+                        "(scatter_add_ into a [queries, classes] tensor), then argmax.")

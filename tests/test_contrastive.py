@@ -1,0 +1,230 @@
+"""Chapter 02: the NT-Xent loss, batched SimCLR augmentation, and the exercise checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptcourse import augment, checks, probes
+from ptcourse.losses import nt_xent
+
+
+def nt_xent_loop(z1, z2, t):
+    """NT-Xent written from the definition, one anchor at a time, in float64."""
+    z = torch.cat([z1, z2]).double()
+    n2 = len(z)
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        pos = (i + n) % n2
+        sim = [float(F.cosine_similarity(z[i], z[k], dim=0)) / t for k in range(n2)]
+        denom = sum(math.exp(sim[k]) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sim[pos]) / denom)
+    return total / n2
+
+
+def nt_xent_loop_torch(z1, z2, t):
+    """The same loop with torch ops (for gradients)."""
+    z = torch.cat([z1, z2])
+    n2, n = len(z), len(z) // 2
+    losses = []
+    for i in range(n2):
+        pos = (i + n) % n2
+        sims = torch.stack([F.cosine_similarity(z[i], z[k], dim=0) / t for k in range(n2)])
+        others = torch.cat([sims[:i], sims[i + 1:]])
+        losses.append(-(sims[pos] - torch.logsumexp(others, 0)))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (4, 8, 0.5), (8, 16, 0.1), (16, 32, 0.05), (5, 2, 1.0), (12, 64, 0.2)])
+def test_nt_xent_matches_loop(n, d, t):
+    g = torch.Generator().manual_seed(n * 100 + d)
+    z1, z2 = torch.randn(n, d, generator=g) * 3, torch.randn(n, d, generator=g)
+    # math.exp(sim / t) stays finite for |sim| <= 1 and t >= 0.05
+    assert float(nt_xent(z1, z2, t)) == pytest.approx(nt_xent_loop(z1, z2, t), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.5, 0.05])
+def test_nt_xent_gradient_matches_loop(t):
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ga = torch.autograd.grad(nt_xent(z1, z2, t), (z1, z2))
+    gb = torch.autograd.grad(nt_xent_loop_torch(z1, z2, t), (z1, z2))
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_nt_xent_properties():
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    base = nt_xent(z1, z2, 0.5)
+    assert torch.allclose(nt_xent(z2, z1, 0.5), base, atol=1e-6)           # symmetric in the views
+    assert torch.allclose(nt_xent(5 * z1, 0.1 * z2, 0.5), base, atol=1e-5)  # scale-free (cosine)
+    # identical views and orthogonal images: the loss tends to 0 as t -> 0 ...
+    e = torch.eye(8)
+    assert float(nt_xent(e, e, 0.05)) < 1e-6
+    # ... and stays finite (no overflow) at tiny temperatures
+    assert torch.isfinite(nt_xent(z1, z2, 0.001))
+    # random embeddings at t = infinity-ish: every one of the 2N-1 candidates is equally likely
+    assert float(nt_xent(z1, z2, 1e6)) == pytest.approx(math.log(15), rel=1e-4)
+
+
+# --------------------------------------------------------------------- typical wrong answers
+def wrong_no_normalise(z1, z2, t):
+    z = torch.cat([z1, z2]); n = len(z1)
+    sim = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+def wrong_no_mask(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1); n = len(z1)
+    return F.cross_entropy(z @ z.T / t, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+def wrong_n_anchors(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1); n = len(z1)
+    sim = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(sim[:n], torch.arange(n, 2 * n))
+
+
+def wrong_cross_view_only(z1, z2, t):   # negatives only from the other view (CLIP-style), one direction
+    s = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T / t
+    return F.cross_entropy(s, torch.arange(len(z1)))
+
+
+def wrong_no_temperature(z1, z2, t):
+    return nt_xent(z1, z2, 1.0)
+
+
+def wrong_detached(z1, z2, t):
+    return nt_xent(z1.detach(), z2.detach(), t)
+
+
+def test_check_nt_xent_passes_reference():
+    assert checks.check_nt_xent(nt_xent, quiet=True)
+
+
+@pytest.mark.parametrize("wrong", [wrong_no_normalise, wrong_no_mask, wrong_n_anchors, wrong_cross_view_only,
+                                   wrong_no_temperature, wrong_detached])
+def test_check_nt_xent_fails_wrong(wrong):
+    assert not checks.check_nt_xent(wrong, quiet=True)
+
+
+# --------------------------------------------------------------------- two views
+class TwoViewsRef(torch.utils.data.Dataset):
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, _ = self.dataset[i]
+        return self.transform(x), self.transform(x)
+
+
+class SameViewTwice(TwoViewsRef):
+    def __getitem__(self, i):
+        v = self.transform(self.dataset[i][0])
+        return v, v
+
+
+class WithLabel(TwoViewsRef):
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return self.transform(x), self.transform(x), y
+
+
+class NoTransform(TwoViewsRef):
+    def __getitem__(self, i):
+        x, _ = self.dataset[i]
+        return x, x
+
+
+class WrongLength(TwoViewsRef):
+    def __len__(self):
+        return 2 * len(self.dataset)
+
+
+def test_check_two_views():
+    assert checks.check_two_views(TwoViewsRef, quiet=True)
+    for wrong in (SameViewTwice, WithLabel, NoTransform, WrongLength):
+        assert not checks.check_two_views(wrong, quiet=True), wrong.__name__
+
+
+# --------------------------------------------------------------------- kNN
+def knn_unweighted(xtr, ytr, xq, k, t):
+    sim = F.normalize(xq, dim=1) @ F.normalize(xtr, dim=1).T
+    idx = sim.topk(k, dim=1).indices
+    return torch.mode(ytr[idx], dim=1).values
+
+
+def knn_not_normalised(xtr, ytr, xq, k, t):
+    sim = xq @ xtr.T
+    s, idx = sim.topk(k, dim=1)
+    votes = torch.zeros(len(xq), int(ytr.max()) + 1).scatter_add_(1, ytr[idx], torch.softmax(s / t, 1))
+    return votes.argmax(1)
+
+
+def knn_sim_weights(xtr, ytr, xq, k, t):  # weights sim instead of exp(sim / t)
+    s, idx = (F.normalize(xq, dim=1) @ F.normalize(xtr, dim=1).T).topk(k, dim=1)
+    return torch.zeros(len(xq), int(ytr.max()) + 1).scatter_add_(1, ytr[idx], s).argmax(1)
+
+
+def test_check_knn_predict():
+    assert checks.check_knn_predict(probes.knn_predict, quiet=True)
+    for wrong in (knn_unweighted, knn_not_normalised, knn_sim_weights):
+        assert not checks.check_knn_predict(wrong, quiet=True), wrong.__name__
+
+
+# --------------------------------------------------------------------- augmentation
+def test_v2_transform_on_a_batch_draws_one_crop():
+    """The pitfall the chapter shows: a v2 transform on a batch uses ONE set of random parameters."""
+    from torchvision.transforms import v2
+    x = torch.rand(4, 3, 16, 16)
+    t = v2.RandomResizedCrop(16, scale=(0.1, 0.5))
+    torch.manual_seed(0)
+    batched = t(x)
+    for i in range(4):
+        torch.manual_seed(0)
+        assert torch.allclose(t(x[i]), batched[i])
+
+
+def test_batch_augment_identity_and_flip():
+    x = torch.rand(5, 3, 8, 8)
+    ident = augment.BatchAugment(size=8, scale=(1, 1), ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
+    assert torch.allclose(ident(x), x, atol=1e-5)
+    flip = augment.BatchAugment(size=8, scale=(1, 1), ratio=(1, 1), flip_p=1, jitter_p=0, gray_p=0)
+    assert torch.allclose(flip(x), x.flip(-1), atol=1e-5)
+    gray = augment.BatchAugment(size=8, scale=(1, 1), ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=1)(x)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 0], gray[:, 2])
+    assert torch.allclose(gray[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2], atol=1e-5)
+
+
+def test_batch_augment_per_image_randomness():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    out = augment.BatchAugment()(img.expand(16, -1, -1, -1))
+    assert out.dtype == torch.float32 and out.shape == (16, 3, 32, 32)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    # the same image 16 times gives 16 different views
+    flat = out.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(16) * 1e3).min() > 1e-3
+    v1, v2 = augment.two_views(img.expand(4, -1, -1, -1), augment.BatchAugment())
+    assert not torch.allclose(v1, v2)
+
+
+def test_colour_jitter_zero_strength_is_identity():
+    x = torch.rand(3, 3, 8, 8)
+    aug = augment.BatchAugment(size=8, strength=0.0)
+    assert torch.allclose(aug.colour(x), x, atol=1e-5)
+
+
+def test_simclr_transform_and_resnet():
+    view = augment.simclr_transform(32)(torch.rand(3, 32, 32))
+    assert view.shape == (3, 32, 32)
+    net = augment.cifar_resnet18()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
