@@ -1,8 +1,9 @@
-"""Command line: ``python -m ptcourse doctor | results``."""
+"""Command line: ``python -m ptcourse doctor | results | download | run``."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -13,6 +14,16 @@ def main(argv=None) -> int:
     res = sub.add_parser("results", help="print every recorded chapter result as a table")
     res.add_argument("--dir", default=None, help="results folder (default: PTCOURSE_RESULTS or ./results)")
     res.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    dl = sub.add_parser("download", help="fill the dataset and weight caches (idempotent; verifies)")
+    dl.add_argument("names", nargs="*", help="datasets / model ids (default: all a profile needs)")
+    dl.add_argument("--all", action="store_true", help="everything any profile needs")
+    dl.add_argument("--profile", default=None, help="smoke, cpu or gpu (default: this machine's)")
+    run = sub.add_parser("run", help="execute notebooks headlessly and print a summary table")
+    run.add_argument("notebooks", nargs="*", help="notebook paths or chapter numbers (default: all)")
+    run.add_argument("--profile", default=None, help="smoke, cpu or gpu (default: this machine's)")
+    run.add_argument("--out", default="runs", help="folder for executed copies and status (default: runs/)")
+    run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
+    run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -23,6 +34,34 @@ def main(argv=None) -> int:
         from .report import results_table
         print(results_table(args.dir, markdown=args.markdown))
         return 0
+    from . import lab
+    from .profile import profile
+    prof = args.profile or profile().name
+    if prof not in lab.DATASETS_FOR:
+        parser.error(f"--profile must be one of {', '.join(lab.DATASETS_FOR)}")
+    if args.command == "download":
+        names = args.names
+        if args.all:
+            names = sorted(set(lab.DATASETS_FOR["gpu"])) + lab.HF_MODELS_FOR["gpu"] + lab.TORCHVISION_WEIGHTS
+        rows = lab.download(names, prof)
+        width = max(len(r[0]) for r in rows)
+        for name, kind, status, where in rows:
+            print(f"{name:{width}s}  {kind:19s} {status:10s} {where}")
+        missing = [r for r in rows if r[2] not in ("present", "downloaded")]
+        if missing:
+            print(f"\n{len(missing)} item(s) missing or damaged: " + ", ".join(r[0] for r in missing))
+        return 1 if missing else 0
+    if args.command == "run":
+        root = Path(args.root).resolve()
+        try:
+            notebooks = lab.find_notebooks(root, args.notebooks)
+        except FileNotFoundError as err:
+            print(err)
+            return 2
+        rows = lab.run_notebooks(notebooks, prof, Path(args.out), force=args.force)
+        print()
+        print(lab.summary(rows, Path(args.out) / "results"))
+        return 1 if any(r["status"] != "passed" for r in rows) else 0
     return 2
 
 

@@ -321,8 +321,18 @@ def verify(name: str) -> list[str]:
             problems.append(f"{name}: {path.name} missing")
             continue
         rec = meta.get("files", {}).get(path.name)
-        if rec and (path.stat().st_size != rec["bytes"] or sha256(path) != rec["sha256"]):
-            problems.append(f"{name}: {path.name} does not match the size/checksum in meta.json")
+        if rec:
+            if path.stat().st_size != rec["bytes"] or sha256(path) != rec["sha256"]:
+                problems.append(f"{name}: {path.name} does not match the size/checksum in meta.json")
+            continue
+        # no checksum recorded (a cache prepared elsewhere): read it and compare the count
+        try:
+            n = len((_read_npz(path) if kind == "image" else _read_jsonl(path))[1])
+        except DatasetCorruptError as err:
+            problems.append(str(err).split(" Delete")[0])
+            continue
+        if n != meta["splits"][split]:
+            problems.append(f"{name}: {path.name} holds {n} examples, meta.json says {meta['splits'][split]}")
     return problems
 
 

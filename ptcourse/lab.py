@@ -1,0 +1,194 @@
+"""Running the course in a lab: fill the caches once, then check every notebook headlessly.
+
+    python -m ptcourse download --profile cpu     # datasets + pretrained weights for that profile
+    python -m ptcourse run --profile smoke        # execute every notebook, print a summary table
+
+A lab fills a shared folder once (``PTCOURSE_DATA`` for datasets, ``HF_HUB_CACHE`` and
+``TORCH_HOME`` for weights) and points every machine at it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import data
+
+# what each profile's notebooks need
+DATASETS_FOR = {"smoke": ["mnist", "cifar10", "rotten_tomatoes"],
+                "cpu": ["mnist", "cifar10", "rotten_tomatoes"],
+                "gpu": ["mnist", "cifar10", "rotten_tomatoes", "sst2"]}
+HF_MODELS_FOR = {"smoke": ["sentence-transformers/all-MiniLM-L6-v2"],
+                 "cpu": ["sentence-transformers/all-MiniLM-L6-v2"],
+                 "gpu": ["sentence-transformers/all-MiniLM-L6-v2", "bert-base-uncased"]}
+TORCHVISION_WEIGHTS = ["ResNet18_Weights.IMAGENET1K_V1"]
+
+
+def _dataset(name: str, offline: bool) -> tuple[str, str]:
+    present = all(data.cached(name).values())
+    if not present:
+        if offline:
+            return "missing", f"not in {data.data_dir() / name} (offline: nothing downloaded)"
+        try:
+            data.download(name)
+        except data.DatasetMissingError as err:
+            return "missing", str(err).split("\n")[0]
+    problems = data.verify(name)
+    if problems:
+        return "damaged", "; ".join(problems)
+    return ("present" if present else "downloaded"), str(data.data_dir() / name)
+
+
+def _hf_model(repo: str, offline: bool) -> tuple[str, str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return "present", snapshot_download(repo, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: fall through to a download
+        pass
+    if offline:
+        return "missing", "not in the Hugging Face cache (HF_HUB_CACHE) and HF_HUB_OFFLINE is set"
+    try:
+        return "downloaded", snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    except Exception as err:  # noqa: BLE001
+        return "missing", f"download failed: {type(err).__name__}: {str(err)[:150]}"
+
+
+def _torchvision_weights(spec: str, offline: bool) -> tuple[str, str]:
+    import torch
+    import torchvision
+
+    enum_name, member = spec.split(".")
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if path.exists():
+        return "present", str(path)
+    if offline:
+        return "missing", f"not at {path} (offline: copy {path.name} there, or set TORCH_HOME)"
+    try:
+        weights.get_state_dict(progress=True)
+        return "downloaded", str(path)
+    except Exception as err:  # noqa: BLE001
+        return "missing", f"download from {weights.url} failed: {type(err).__name__}: {str(err)[:150]}"
+
+
+def download(names=None, profile_name: str = "cpu", offline: bool | None = None) -> list[tuple]:
+    """Fill the caches for ``profile_name`` (or just ``names``); return ``(name, kind, status, where)`` rows.
+
+    Idempotent: what is present is only verified. Offline (``HF_HUB_OFFLINE=1``) nothing is
+    downloaded and the rows say exactly what is missing.
+    """
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    wanted = list(names) if names else (DATASETS_FOR[profile_name] + HF_MODELS_FOR[profile_name]
+                                        + TORCHVISION_WEIGHTS)
+    rows = []
+    for name in wanted:
+        if name in data.DATASETS:
+            rows.append((name, "dataset", *_dataset(name, offline)))
+        elif name.startswith("ResNet") or name == "resnet18":
+            spec = TORCHVISION_WEIGHTS[0] if name == "resnet18" else name
+            rows.append((spec, "torchvision weights", *_torchvision_weights(spec, offline)))
+        elif "/" in name or name.startswith("bert"):
+            rows.append((name, "Hugging Face model", *_hf_model(name, offline)))
+        else:
+            rows.append((name, "?", "unknown", f"not a dataset ({', '.join(data.DATASETS)}), "
+                         "Hugging Face model id or torchvision weights name"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- run
+def find_notebooks(root: Path, names=None) -> list[Path]:
+    """The notebooks to run: ``names`` (paths or chapter numbers like ``01``), else chapters + solutions."""
+    if not names:
+        return sorted((root / "chapters").glob("*.ipynb")) + sorted((root / "solutions").glob("*.ipynb"))
+    out = []
+    for name in names:
+        p = Path(name)
+        if p.suffix == ".ipynb":
+            if not p.exists():
+                raise FileNotFoundError(f"no notebook {p}")
+            out.append(p.resolve())
+        else:
+            matches = sorted((root / "chapters").glob(f"{name}*.ipynb"))
+            if not matches:
+                raise FileNotFoundError(f"no chapter notebook starting with {name!r} in {root / 'chapters'}")
+            out += matches
+    return out
+
+
+def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = False, timeout: int = 3600,
+                  echo=print) -> list[dict]:
+    """Execute notebooks in fresh kernels; executed copies and ``status.json`` go to ``out_dir``.
+
+    Notebooks recorded as passed in ``status.json`` (same profile) are skipped unless ``force``.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status_path = out_dir / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    results_dir = out_dir / "results"
+    env_before = dict(os.environ)
+    os.environ.update(PTCOURSE_PROFILE=profile_name, PTCOURSE_RESULTS=str(results_dir.resolve()))
+    rows = []
+    try:
+        for path in notebooks:
+            key = f"{path.parent.name}/{path.name}"
+            prev = status.get(key)
+            if prev and prev["status"] == "passed" and prev["profile"] == profile_name and not force:
+                rows.append({**prev, "notebook": key, "skipped": True})
+                echo(f"skip  {key} (passed before; --force to rerun)")
+                continue
+            echo(f"run   {key} ({profile_name}) ...")
+            nb = nbformat.read(path, as_version=4)
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(path.parent)}})
+            t0, error = time.time(), None
+            try:
+                client.execute()
+            except CellExecutionError as err:
+                error = f"{err.ename}: {err.evalue}"[:300]
+            except Exception as err:  # noqa: BLE001 - a dead kernel, a timeout, ...
+                error = f"{type(err).__name__}: {err}"[:300]
+            dest = out_dir / path.parent.name / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, dest)
+            row = {"notebook": key, "profile": profile_name, "status": "failed" if error else "passed",
+                   "wall_s": round(time.time() - t0, 1), "error": error, "output": str(dest)}
+            status[key] = row
+            status_path.write_text(json.dumps(status, indent=2))
+            rows.append(row)
+            echo(f"      {row['status']} in {row['wall_s']:.0f} s" + (f": {error}" if error else ""))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    return rows
+
+
+def summary(rows, results_dir: Path) -> str:
+    """A table: notebook, status, wall time, and the chapter's recorded results in brief."""
+    recorded = {}
+    for p in Path(results_dir).glob("*.json"):
+        rec = json.loads(p.read_text())
+        recorded[rec["chapter"]] = rec["metrics"]
+    lines = [f"{'notebook':42s} {'status':8s} {'wall s':>7s}  results"]
+    for r in rows:
+        stem = Path(r["notebook"]).stem
+        metrics = recorded.get(stem, {}) if r["notebook"].startswith("chapters/") else {}
+        brief = ", ".join(f"{k}={_short(v)}" for k, v in list(metrics.items())[:4])
+        status = r["status"] + (" (skip)" if r.get("skipped") else "")
+        lines.append(f"{r['notebook']:42s} {status:8s} {r['wall_s']:7.0f}  {brief}")
+    return "\n".join(lines)
+
+
+def _short(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_short(x) for x in v[:4]) + (",…" if len(v) > 4 else "") + "]"
+    return str(v)

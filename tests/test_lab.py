@@ -1,0 +1,70 @@
+"""The lab commands: `python -m ptcourse download` and `python -m ptcourse run`."""
+import json
+
+import nbformat
+import numpy as np
+import pytest
+
+from ptcourse import data, lab
+from ptcourse.__main__ import main as cli
+
+
+def test_download_offline_reports_present_and_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PTCOURSE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data.write_dataset("mnist", {"train": (np.zeros((3, 28, 28), np.uint8), [0, 1, 2]),
+                                 "test": (np.zeros((2, 28, 28), np.uint8), [0, 1])}, list("012"), "test")
+    code = cli(["download", "mnist", "cifar10", "resnet18", "bert-base-uncased"])
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "present" in rows["mnist"]
+    assert "missing" in rows["cifar10"] and "offline" in rows["cifar10"]
+    assert "missing" in rows["ResNet18_Weights.IMAGENET1K_V1"] and "resnet18-f37072fd.pth" in out
+    assert "missing" in rows["bert-base-uncased"]
+    assert "3 item(s) missing" in out
+    # idempotent and verifying: everything present -> exit 0; a damaged file -> reported
+    assert cli(["download", "mnist"]) == 0
+    (tmp_path / "data" / "mnist" / "test.npz").write_bytes(b"garbage")
+    assert cli(["download", "mnist"]) == 1
+    assert "damaged" in capsys.readouterr().out
+
+
+def test_download_profiles_name_what_the_notebooks_need():
+    assert set(lab.DATASETS_FOR["smoke"]) <= set(lab.DATASETS_FOR["gpu"]) and "sst2" in lab.DATASETS_FOR["gpu"]
+    assert "bert-base-uncased" in lab.HF_MODELS_FOR["gpu"]
+    rows = lab.download(["imagenet"], "cpu", offline=True)
+    assert rows[0][2] == "unknown"
+
+
+def _notebook(path, code):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in code]
+    nbformat.write(nb, path)
+
+
+@pytest.mark.slow
+def test_run_executes_records_skips_and_fails(tmp_path, capsys):
+    (tmp_path / "chapters").mkdir()
+    _notebook(tmp_path / "chapters" / "01_ok.ipynb",
+              ["import os, ptcourse", "ptcourse.report('01_ok', {'acc': 0.75, 'profile': os.environ['PTCOURSE_PROFILE']})"])
+    _notebook(tmp_path / "chapters" / "02_bad.ipynb", ["x = 1", "raise ValueError('broken on purpose')"])
+    out = tmp_path / "runs"
+    code = cli(["run", "--profile", "smoke", "--root", str(tmp_path), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1
+    assert "chapters/01_ok.ipynb" in text and "passed" in text and "acc=0.75" in text
+    assert "failed" in text and "broken on purpose" in text
+    rec = json.loads((out / "results" / "01_ok.json").read_text())
+    assert rec["metrics"]["profile"] == "smoke"
+    executed = nbformat.read(out / "chapters" / "01_ok.ipynb", as_version=4)
+    assert executed.cells[1].outputs  # the executed copy keeps its outputs
+    # resumable: the passed notebook is skipped, the failed one runs again
+    cli(["run", "01", "02", "--profile", "smoke", "--root", str(tmp_path), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "skip  chapters/01_ok.ipynb" in text and "run   chapters/02_bad.ipynb" in text
+    assert cli(["run", "01", "--force", "--profile", "smoke", "--root", str(tmp_path), "--out", str(out)]) == 0
+    assert "run   chapters/01_ok.ipynb" in capsys.readouterr().out
+    assert cli(["run", "07", "--root", str(tmp_path), "--out", str(out)]) == 2
