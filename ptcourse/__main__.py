@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     res = sub.add_parser("results", help="print every recorded chapter result as a table")
     res.add_argument("--dir", default=None, help="results folder (default: PTCOURSE_RESULTS or ./results)")
     res.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
+    res.add_argument("--update-readme", metavar="README", help="write the table into README's results section")
     dl = sub.add_parser("download", help="fill the dataset and weight caches (idempotent; verifies)")
     dl.add_argument("names", nargs="*", help="datasets / model ids (default: all a profile needs)")
     dl.add_argument("--all", action="store_true", help="everything any profile needs")
@@ -31,7 +32,11 @@ def main(argv=None) -> int:
         doctor()
         return 0
     if args.command == "results":
-        from .report import results_table
+        from .report import results_table, sync_readme
+        if args.update_readme:
+            same = sync_readme(args.update_readme, args.dir)
+            print(f"{args.update_readme}: " + ("already up to date" if same else "results table updated"))
+            return 0
         print(results_table(args.dir, markdown=args.markdown))
         return 0
     from . import lab

@@ -103,3 +103,21 @@ def results_table(folder=None, markdown: bool = False) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     fmt = "  ".join(f"{{:{w}}}" for w in widths)
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) if rows else "no results recorded yet"
+
+
+def sync_readme(readme, folder=None, check: bool = False) -> bool:
+    """Put :func:`results_table` (markdown) between the README's ``results`` markers.
+
+    Returns whether the README was already up to date; with ``check`` nothing is written.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{results_table(folder, markdown=True)}\n{end}{tail}"
+    if new != text and not check:
+        readme.write_text(new, encoding="utf-8")
+    return new == text
