@@ -41,6 +41,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class OutOfMemoryAdvice(RuntimeError):
+    """The device ran out of memory; the message says what to change."""
+
+
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max equals the target.
 
@@ -301,7 +308,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
             last_micro = (i + 1) % grad_accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext() if (world == 1 or last_micro) else model.no_sync()
             batch = to_device(batch, device)
-            with sync:
+            with sync, _explain_oom(device, train_loader, grad_accum, precision):
                 with autocast():
                     loss = step_fn(model, batch) if step_fn else forward(model, batch, loss_fn)[2]
                 if loss is None:
@@ -363,6 +370,20 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     if bar is not None:
         bar.close()
     return history
+
+
+@contextlib.contextmanager
+def _explain_oom(device, loader, grad_accum, precision):
+    """Turn an out-of-memory error into advice with this run's numbers."""
+    try:
+        yield
+    except _OOM as err:
+        b = getattr(loader, "batch_size", None)
+        raise OutOfMemoryAdvice(
+            f"{device} ran out of memory at batch size {b} (precision {precision}). Try: a smaller "
+            f"batch_size with grad_accum={2 * grad_accum} to keep the effective batch, mixed precision "
+            "(precision='auto' on CUDA), a smaller profile/model, or restart the kernel to free memory "
+            "held by earlier cells (torch.cuda.empty_cache() does not free tensors still referenced).") from err
 
 
 def _check_finite(values, epoch, first_step, previous, optimizer):

@@ -201,3 +201,13 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
         assert a["val_acc"] == pytest.approx(b["val_acc"]) and a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
     assert strip_times(r0["history"]) == strip_times(r1["history"])  # (step losses are per process)
+
+
+def test_out_of_memory_becomes_advice():
+    class Greedy(torch.nn.Module):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), Greedy())
+    with pytest.raises(ptcourse.training.OutOfMemoryAdvice, match=r"batch size 16 .*grad_accum=2"):
+        ptcourse.fit(model, DataLoader(blobs(32), batch_size=16), epochs=1, progress=False)
