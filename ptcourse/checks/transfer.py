@@ -1,2 +1,215 @@
-"""Checks for the exercises of chapter transfer (filled in by that chapter)."""
-__all__: list[str] = []
+"""Checks for chapter 04 (ResNet transfer): head + freeze, discriminative LR groups, Grad-CAM."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import CheckResult, compare
+
+__all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares"]
+
+
+def _result(name, problem, ok_text, hint, quiet):
+    text = f"❌ {name}: {problem}\n   Hint: {hint}" if problem else f"✅ {name}: {ok_text}"
+    if not quiet:
+        print(text)
+    return CheckResult(problem is None, text)
+
+
+def _norms(net):
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def check_replace_head_and_freeze(student_fn, quiet=False) -> CheckResult:
+    """``student_fn(net, num_classes)`` must give a new ``net.fc`` for ``num_classes`` classes, freeze
+    every other parameter, and keep every frozen BatchNorm layer in eval mode even after ``.train()``."""
+    import torchvision
+
+    name = "check_replace_head_and_freeze"
+    hint = ("replace net.fc by nn.Linear(net.fc.in_features, num_classes); set requires_grad=False on all "
+            "other parameters; and override train() (e.g. in a small wrapper module) so that it puts the "
+            "frozen BatchNorm layers back in eval mode: fit() calls model.train() every epoch.")
+    problem = None
+    for num_classes in (7, 3):
+        torch.manual_seed(num_classes)
+        net = torchvision.models.resnet18(weights=None)
+        try:
+            model = student_fn(net, num_classes)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            problem = f"raised {type(err).__name__}: {err}"
+            break
+        if not isinstance(model, nn.Module):
+            problem = f"should return an nn.Module, got {type(model).__name__}"
+            break
+        head = net.fc
+        want = 512 * num_classes + num_classes
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if not (isinstance(head, nn.Linear) and head.out_features == num_classes):
+            problem = f"net.fc should be a new nn.Linear(512, {num_classes}), it is {head}"
+        elif n_trainable != want:
+            problem = (f"{n_trainable:,} trainable parameters with num_classes={num_classes}; only the new "
+                       f"head should train ({want:,} parameters)")
+        elif trainable != {id(p) for p in head.parameters()}:
+            problem = "the trainable parameters are not those of the new head net.fc"
+        if problem:
+            break
+        before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in _norms(net)}
+        model.train()
+        with torch.no_grad():
+            out = model(torch.rand(4, 3, 32, 32) * 3)
+        if tuple(out.shape) != (4, num_classes):
+            problem = f"the model outputs shape {list(out.shape)} for 4 images, expected [4, {num_classes}]"
+            break
+        in_train = [n for n, m in _norms(net) if m.training]
+        moved = [n for n, m in _norms(net) if not (torch.equal(m.running_mean, before[n][0])
+                                                    and torch.equal(m.running_var, before[n][1]))]
+        if in_train or moved:
+            which = (in_train or moved)[:3]
+            problem = (f"after model.train() and one forward pass, {len(in_train)} frozen BatchNorm layers are in "
+                       f"train mode and {len(moved)} changed their running statistics (e.g. {which})")
+            break
+    ok = "only the new head trains, and frozen BatchNorm stays in eval mode through model.train()."
+    return _result(name, problem, ok, hint, quiet)
+
+
+def _groups_summary(groups, names):
+    out = []
+    for g in groups:
+        params = list(g["params"])
+        if params:
+            out.append((float(g["lr"]), sorted(names.get(id(p), "?") for p in params)))
+    return out
+
+
+def check_discriminative_groups(student_fn, quiet=False) -> CheckResult:
+    """``student_fn(net, head_lr, decay)`` must return one parameter group per ResNet stage (stem, layer1..4, fc),
+    in that order, with LR ``head_lr * decay**depth`` (the head at depth 0), trainable parameters only."""
+    import torchvision
+
+    from ..transfer import PartlyFrozen, discriminative_groups
+
+    name = "check_discriminative_groups"
+    hint = ("stages are (conv1, bn1), layer1, layer2, layer3, layer4, fc; the group of the fc head gets head_lr, "
+            "layer4 head_lr*decay, layer3 head_lr*decay**2, ...; leave out frozen parameters and empty stages.")
+    torch.manual_seed(0)
+    cases = []
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    cases.append((net, 0.01, 0.5))
+    net2 = copy.deepcopy(net)
+    PartlyFrozen(net2, trainable=("layer3", "layer4", "fc"))  # freezes the rest in place
+    cases.append((net2, 0.1, 0.3))
+    problem = None
+    for i, (net, head_lr, decay) in enumerate(cases):
+        names = {id(p): n for n, p in net.named_parameters()}
+        try:
+            got = student_fn(net, head_lr, decay)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            problem = f"raised {type(err).__name__}: {err}"
+            break
+        try:
+            got = _groups_summary(got, names)
+        except (TypeError, KeyError) as err:
+            problem = f"should return a list of dicts with 'params' and 'lr' ({type(err).__name__}: {err})"
+            break
+        want = _groups_summary(discriminative_groups(net, head_lr, decay), names)
+        frozen = "" if i == 0 else " (layers below layer3 frozen)"
+        if len(got) != len(want):
+            problem = f"{len(got)} non-empty groups{frozen}, expected {len(want)}"
+        else:
+            for (lr_g, p_g), (lr_w, p_w) in zip(got, want):
+                stage = p_w[0].split(".")[0]
+                if p_g != p_w:
+                    extra = sorted(set(p_g) - set(p_w))[:2]
+                    missing = sorted(set(p_w) - set(p_g))[:2]
+                    problem = (f"the group for stage {stage!r}{frozen} has the wrong parameters "
+                               f"(unexpected {extra}, missing {missing})")
+                elif abs(lr_g - lr_w) > 1e-9 * max(1.0, abs(lr_w)):
+                    problem = f"stage {stage!r}{frozen} has lr {lr_g:.3g}, expected {lr_w:.3g} (head_lr={head_lr}, decay={decay})"
+                if problem:
+                    break
+        if problem:
+            break
+    return _result(name, problem, "one group per stage, learning rates decaying from the head down.", hint, quiet)
+
+
+class _TwoChannels(nn.Module):
+    """A known-answer network: channel 0 sees 'red minus blue', channel 1 'blue minus red'; logits = spatial means."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([[1.0, 0, -1], [-1, 0, 1]]).view(2, 3, 1, 1))
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.act(self.features(x))).flatten(1)
+
+
+def two_squares(size: int = 16):
+    """A case where the answer is known: a red square top-left, a blue square bottom-right.
+
+    Returns ``(model, layer, image [1, 3, size, size], red_mask, blue_mask)``: class 0 ("red") can only
+    come from the red square, class 1 ("blue") only from the blue one.
+    """
+    img = torch.zeros(1, 3, size, size)
+    q = size // 4
+    red = torch.zeros(size, size, dtype=torch.bool)
+    blue = torch.zeros(size, size, dtype=torch.bool)
+    red[q:2 * q, q:2 * q] = True
+    blue[2 * q + 1:3 * q + 1, 2 * q + 1:3 * q + 1] = True
+    img[0, 0][red] = 1.0
+    img[0, 2][blue] = 1.0
+    model = _TwoChannels()
+    return model, model.act, img, red, blue
+
+
+def _small_cnn(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4))
+    return model.eval()
+
+
+def check_gradcam(student_fn, quiet=False) -> CheckResult:
+    """``student_fn(model, layer, x, target)`` must return the Grad-CAM map [N, h, w] of ``layer`` for the
+    classes ``target`` [N], and remove its hooks."""
+    from ..transfer import gradcam
+
+    name = "check_gradcam"
+    hint = ("A = layer output (forward hook), dA = its gradient (backward hook on A, or torch.autograd.grad); "
+            "alpha = dA.mean over (h, w); cam = relu((alpha * A).sum over channels); remove the hooks in a finally:.")
+    cases = []
+    for seed in range(3):
+        model = _small_cnn(seed)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2 + seed, 3, 8, 8, generator=g)
+        target = torch.randint(0, 4, (2 + seed,), generator=g)
+        cases.append((model, model[3 if seed % 2 else 2], x, target))
+    model, layer, img, red, blue = two_squares()
+    cases.append((model, layer, img.repeat(2, 1, 1, 1), torch.tensor([0, 1])))
+    result = compare(name, student_fn, gradcam, cases, hint=hint, atol=1e-5, quiet=True)
+    if not result:
+        if not quiet:
+            print(result.message)
+        return result
+    problem = None
+    for model, layer, x, target in cases:
+        student_fn(model, layer, x, target)
+        if layer._forward_hooks or layer._backward_hooks or getattr(layer, "_forward_pre_hooks", None):
+            problem = "your function left a hook on the layer; keep the handle and call handle.remove() (in a finally:)"
+            break
+    if problem is None:
+        cam = student_fn(model, layer, img, torch.tensor([0]))[0]
+        if not (cam[red] > 0).all() or (cam[~red] != 0).any():
+            problem = "on the two-squares image the map for 'red' should be positive exactly on the red square"
+    return _result(name, problem, f"matches the reference on {len(cases)} inputs, including the two-squares "
+                   "case, and leaves no hooks behind.", hint, quiet)
