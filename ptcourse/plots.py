@@ -217,7 +217,7 @@ def pretrain_finetune_diagram(title="Pretraining, then fine-tuning"):
     arrow(2.6, 1.2, 3.65, 1.2)
     arrow(6.35, 1.2, 7.4, 1.2)
     arrow(8.6, 2.75, 5.6, 1.75)
-    ax.text(7.35, 2.3, "copy the weights", fontsize=8, color="0.25", rotation=-17)
+    ax.text(6.75, 1.86, "copy the weights", fontsize=8, color="0.25", rotation=18)
     ax.text(5.0, 0.25, "baseline: the same network from random weights on the same labels ('scratch').\n"
             "Every chapter measures task accuracy: pretrained + fine-tuned vs scratch.",
             ha="center", va="center", fontsize=8.5, style="italic", color="0.25")
@@ -248,5 +248,32 @@ def attention_grid(weights, tokens, ncols=6, size=1.9, title=None):
             ax.set_yticks(range(n)); ax.set_yticklabels(tokens, fontsize=5)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cam_overlay(images, cams, titles=None, ncols=8, size=1.4, suptitle=None, alpha=0.5):
+    """Class-activation maps (e.g. Grad-CAM, [N, h, w]) upsampled onto their images [N, C, H, W] in [0, 1].
+
+    Each map is scaled to [0, 1] by its own maximum, so colours compare places within one image only.
+    """
+    import torch.nn.functional as F
+
+    cams = torch.as_tensor(cams).detach().float().cpu()
+    up = F.interpolate(cams[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    up = up / up.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    n = len(images)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, min(n, ncols), figsize=(min(n, ncols) * size, nrows * size * 1.15), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        img = _hwc(images[i])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        ax.imshow(up[i].numpy(), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     return fig
