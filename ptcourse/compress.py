@@ -9,7 +9,7 @@ Example:
     >>> ms = latency_ms(model, torch.rand(1, 1, 28, 28))  # median CPU time per image
     >>> small = quantize_dynamic(model)                    # int8 weights for the Linear layers
 
-Quantization uses PyTorch's own ``torch.ao.quantization`` (eager dynamic, FX static). In torch
+Quantization uses PyTorch's own ``torch.ao.quantization`` (eager mode, dynamic and static). In torch
 2.x it prints deprecation warnings pointing to the ``torchao`` package, its successor; the
 helpers here silence those warnings (the functions still work in the installed torch).
 """
@@ -94,14 +94,17 @@ def quantize_dynamic(model: torch.nn.Module) -> torch.nn.Module:
         return _qd(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def quantize_static(model: torch.nn.Module, calibration: torch.Tensor, backend: str = "x86",
-                    batch_size: int = 256) -> torch.nn.Module:
-    """A copy of ``model`` with int8 weights AND activations (FX graph mode, post-training).
+def quantize_static(model: torch.nn.Sequential, calibration: torch.Tensor, backend: str = "x86",
+                    batch_size: int = 256) -> torch.nn.Sequential:
+    """A copy of a ``nn.Sequential`` model with int8 weights AND activations (eager mode, post-training).
 
-    Conv + BatchNorm + ReLU are fused, then observers record the range of every activation
-    while the ``calibration`` images (a few hundred typical inputs) run through the model; the
-    converted model computes in int8 on the CPU (``backend``: ``x86``, or ``qnnpack`` on ARM).
-    The model must be traceable by ``torch.fx`` (plain ``nn.Sequential`` models are).
+    Conv + BatchNorm + ReLU (and Conv + ReLU, Linear + ReLU) are fused into one layer; the model
+    is wrapped between ``QuantStub`` (float -> int8) and ``DeQuantStub`` (int8 -> float); observers
+    record the range of every activation while the ``calibration`` images (a few hundred typical
+    inputs) run through it; ``convert`` then swaps in int8 kernels (``backend``: ``x86``, or
+    ``qnnpack`` on ARM). Convolutions, pooling, flatten and linear layers are supported. (FX graph
+    mode, ``torch.ao.quantization.quantize_fx``, handles any traceable model but imports sympy
+    and friends on first use, which takes many seconds.)
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten())
@@ -109,16 +112,29 @@ def quantize_static(model: torch.nn.Module, calibration: torch.Tensor, backend: 
         >>> q(torch.rand(1, 3, 8, 8)).shape
         torch.Size([1, 288])
     """
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    import torch.ao.quantization as tq
 
+    nn = torch.nn
     torch.backends.quantized.engine = backend
-    model = copy.deepcopy(model).cpu().eval()
-    calibration = calibration.cpu()
+    layers = list(copy.deepcopy(model).cpu().eval())
+    groups, i = [], 0
+    while i < len(layers):  # indices of fusable runs: conv-bn-relu, conv-bn, conv-relu, linear-relu
+        kinds = [type(m) for m in layers[i:i + 3]]
+        if kinds[:3] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+            groups.append([i, i + 1, i + 2]); i += 3
+        elif kinds[:2] in ([nn.Conv2d, nn.BatchNorm2d], [nn.Conv2d, nn.ReLU], [nn.Linear, nn.ReLU]):
+            groups.append([i, i + 1]); i += 2
+        else:
+            i += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1],))
+        body = nn.Sequential(*layers)
+        if groups:
+            body = tq.fuse_modules(body, [[str(j) for j in g] for g in groups])
+        wrapped = nn.Sequential(tq.QuantStub(), *body, tq.DeQuantStub())
+        wrapped.qconfig = tq.get_default_qconfig(backend)
+        prepared = tq.prepare(wrapped)
         with torch.inference_mode():
-            for i in range(0, len(calibration), batch_size):
-                prepared(calibration[i:i + batch_size])
-        return convert_fx(prepared)
+            for k in range(0, len(calibration), batch_size):
+                prepared(calibration[k:k + batch_size].cpu())
+        return tq.convert(prepared)

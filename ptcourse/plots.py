@@ -277,3 +277,35 @@ def cam_overlay(images, cams, titles=None, ncols=8, size=1.4, suptitle=None, alp
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def soft_targets(images, probs: dict, classes, labels=None, size=1.6):
+    """One row per image: the image, then its class probabilities at each temperature.
+
+    ``probs`` maps a temperature to a [N, C] tensor of probabilities, e.g.
+    ``{1: softmax(z), 4: softmax(z / 4)}`` (chapter 05). The true class bar is drawn darker.
+    """
+    temps = list(probs)
+    n, c = len(images), len(classes)
+    fig, axes = plt.subplots(n, 1 + len(temps), figsize=(size * (1 + 2.2 * len(temps)), size * n),
+                             squeeze=False, gridspec_kw={"width_ratios": [1] + [2.2] * len(temps)})
+    for i in range(n):
+        img = _hwc(images[i])
+        axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[i, 0].axis("off")
+        if labels is not None:
+            axes[i, 0].set_title(classes[int(labels[i])], fontsize=8)
+        for j, t in enumerate(temps):
+            ax = axes[i, 1 + j]
+            p = probs[t][i].detach().float().cpu().numpy() if torch.is_tensor(probs[t]) else np.asarray(probs[t][i])
+            colours = ["tab:blue"] * c
+            if labels is not None:
+                colours[int(labels[i])] = "navy"
+            ax.bar(range(c), p, color=colours)
+            ax.set_ylim(0, 1); ax.set_yticks([0, 0.5, 1]); ax.tick_params(labelsize=7)
+            ax.set_xticks(range(c))
+            ax.set_xticklabels(classes if i == n - 1 else [], rotation=90, fontsize=7)
+            if i == 0:
+                ax.set_title(f"T = {t:g}", fontsize=9)
+    fig.tight_layout()
+    return fig
