@@ -1,0 +1,196 @@
+"""Chapter 03: ptcourse.text (collate, length-grouped sampler, MLM masking) and the exercise checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptcourse.checks import check_attention, check_mask_tokens, check_pad_collate, reference_attention
+from ptcourse.text import LengthGroupedBatchSampler, MLMCollate, Tokenized, mask_tokens, pad_collate, padding_fraction
+
+
+# ----------------------------------------------------------------------------- attention
+def test_reference_attention_matches_torch_sdpa():
+    q, k, v = torch.randn(3, 2, 3, 5, 8).unbind(0)
+    keep = torch.arange(5) < torch.tensor([5, 2]).view(2, 1, 1, 1)
+    for mask in (None, keep.expand(2, 3, 5, 5)):
+        out, w = reference_attention(q, k, v, mask)
+        assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6)
+        assert torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
+
+
+def test_reference_attention_against_a_loop():
+    q, k, v = torch.randn(3, 4, 6).unbind(0)
+    out, _ = reference_attention(q, k, v)
+    for i in range(4):
+        s = torch.tensor([float(q[i] @ k[j]) / math.sqrt(6) for j in range(4)])
+        w = s.exp() / s.exp().sum()
+        assert torch.allclose(out[i], (w[:, None] * v).sum(0), atol=1e-5)
+
+
+def _no_scale(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = s.softmax(-1)
+    return w @ v, w
+
+
+def _mask_after_softmax(q, k, v, mask=None):
+    w = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
+    if mask is not None:
+        w = w * mask
+    return w @ v, w
+
+
+def _softmax_over_queries(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = s.softmax(-2).nan_to_num()
+    return w @ v, w
+
+
+def _detached(q, k, v, mask=None):
+    out, w = reference_attention(q, k, v, mask)
+    return out.detach(), w.detach()
+
+
+def test_check_attention():
+    assert check_attention(reference_attention, quiet=True)
+    for wrong in (_no_scale, _mask_after_softmax, _softmax_over_queries, _detached):
+        assert not check_attention(wrong, quiet=True), wrong.__name__
+
+
+def test_check_attention_lets_a_stub_through():
+    def stub(q, k, v, mask=None):
+        raise NotImplementedError("Exercise 1")
+    with pytest.raises(NotImplementedError):
+        check_attention(stub, quiet=True)
+
+
+# ----------------------------------------------------------------------------- collate
+def test_pad_collate_example_and_fixed_width():
+    feats = [{"input_ids": [101, 7, 102], "label": 1}, {"input_ids": [101, 102], "label": 0}]
+    b = pad_collate(feats)
+    assert b["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [1, 0]
+    assert all(t.dtype == torch.long for t in b.values())
+    assert pad_collate(feats, pad_id=5, pad_to=6)["input_ids"].tolist()[1] == [101, 102, 5, 5, 5, 5]
+    assert "labels" not in pad_collate([{"input_ids": [1, 2]}])
+
+
+def _left_pad(features, pad_id=0):
+    b = pad_collate(features, pad_id)
+    L = b["input_ids"].shape[1]
+    for r, f in enumerate(features):
+        n = len(f["input_ids"])
+        b["input_ids"][r] = torch.cat([torch.full((L - n,), pad_id), torch.tensor(f["input_ids"])])
+        b["attention_mask"][r] = torch.cat([torch.zeros(L - n), torch.ones(n)]).long()
+    return b
+
+
+def test_check_pad_collate():
+    assert check_pad_collate(lambda f, p=0: pad_collate(f, p), quiet=True)
+    wrong = {
+        "fixed width": lambda f, p=0: pad_collate(f, p, pad_to=16),
+        "pad id ignored": lambda f, p=0: pad_collate(f, 0),
+        "mask all ones": lambda f, p=0: {**pad_collate(f, p), "attention_mask": torch.ones_like(pad_collate(f, p)["attention_mask"])},
+        "no labels": lambda f, p=0: {k: v for k, v in pad_collate(f, p).items() if k != "labels"},
+        "left padding": _left_pad,
+    }
+    for name, fn in wrong.items():
+        assert not check_pad_collate(fn, quiet=True), name
+
+
+# ----------------------------------------------------------------------------- sampler
+def test_length_grouped_sampler_covers_everything_once_and_groups_lengths():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (1000,), generator=g).tolist()
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=32, group=10, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 32
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10                               # random batches of 32 would spread over ~50 tokens
+    assert [b for b in sampler] != batches           # a new order every epoch
+
+
+class _FakeTokenizer:
+    pad_token_id, mask_token_id, all_special_ids = 0, 103, [0, 100, 101, 102, 103]
+
+    def __call__(self, texts, truncation=True, max_length=128):
+        return {"input_ids": [[101] + [1000 + len(w) for w in t.split()][:max_length - 2] + [102] for t in texts]}
+
+    def __len__(self):
+        return 2000
+
+
+def test_tokenized_and_padding_fraction():
+    tok = _FakeTokenizer()
+    ds = Tokenized(["a b c", "a", "a b c d e f"], [1, 0, 1], tok, max_length=6)
+    assert ds.lengths == [5, 3, 6] and ds[1] == {"input_ids": [101, 1001, 102], "label": 0}
+    from torch.utils.data import DataLoader
+    one_batch = padding_fraction(DataLoader(ds, batch_size=3, collate_fn=pad_collate))
+    assert one_batch == pytest.approx((1 + 3 + 0) / 18)
+    assert padding_fraction(DataLoader(ds, batch_size=1, collate_fn=pad_collate)) == 0
+
+
+# ----------------------------------------------------------------------------- masking
+def test_mask_tokens_invariants_and_rates():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 500, (400, 100), generator=g)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = special[:, -20:] = True
+    before = ids.clone()
+    inputs, labels = mask_tokens(ids, special, mask_id=3, vocab_size=500, generator=g)
+    assert torch.equal(ids, before)
+    chosen = labels != -100
+    assert not (chosen & special).any()
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    assert abs(chosen.sum() / (~special).sum() - 0.15) < 0.01
+    assert abs((inputs[chosen] == 3).float().mean() - 0.8) < 0.03
+
+
+def test_mlm_collate_never_masks_special_tokens():
+    tok = _FakeTokenizer()
+    feats = [{"input_ids": [101] + list(range(1000, 1000 + n)) + [102]} for n in (5, 30, 12)] * 50
+    b = MLMCollate(tok, prob=0.5)(feats)
+    chosen = b["labels"] != -100
+    assert chosen.any()
+    assert not chosen[b["attention_mask"] == 0].any()
+    assert not chosen[:, 0].any()
+
+
+def _no_random(ids, special, mask_id, vocab, prob=0.15):
+    chosen = (torch.rand(ids.shape) < prob) & ~special
+    return torch.where(chosen & (torch.rand(ids.shape) < 0.9), mask_id, ids), torch.where(chosen, ids, -100)
+
+
+def _masks_specials(ids, special, mask_id, vocab, prob=0.15):
+    return mask_tokens(ids, torch.zeros_like(special), mask_id, vocab, prob)
+
+
+def _labels_everywhere(ids, special, mask_id, vocab, prob=0.15):
+    inputs, _ = mask_tokens(ids, special, mask_id, vocab, prob)
+    return inputs, ids.clone()
+
+
+def _in_place(ids, special, mask_id, vocab, prob=0.15):
+    inputs, labels = mask_tokens(ids, special, mask_id, vocab, prob)
+    ids.copy_(inputs)
+    return ids, labels
+
+
+def _all_masked(ids, special, mask_id, vocab, prob=0.15):
+    chosen = (torch.rand(ids.shape) < prob) & ~special
+    return torch.where(chosen, mask_id, ids), torch.where(chosen, ids, -100)
+
+
+def test_check_mask_tokens():
+    assert check_mask_tokens(lambda *a: mask_tokens(*a), quiet=True)
+    for wrong in (_no_random, _masks_specials, _labels_everywhere, _in_place, _all_masked,
+                  lambda i, s, m, v, p=0.15: mask_tokens(i, s, m, v, 0.3)):
+        assert not check_mask_tokens(wrong, quiet=True)
