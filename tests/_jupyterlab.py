@@ -179,6 +179,27 @@ def running_jupyterlab(root_dir: Path, home: Path, env: dict | None = None, log_
     env.update(_write_config(home))
     env.pop("JUPYTER_TOKEN", None)
     token = secrets.token_hex(24)
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        lab = _launch(root_dir, env, token, log_path)
+        try:
+            _wait_until_up(lab, start_timeout)
+            break
+        except RuntimeError:
+            _stop(lab)
+            if attempt == 2 or "already in use" not in lab.log_tail():
+                raise
+        except BaseException:
+            _stop(lab)
+            raise
+    try:
+        yield lab
+    finally:
+        survivors = _stop(lab)
+        if survivors:
+            raise RuntimeError(f"processes left after stopping JupyterLab: {survivors}")
+
+
+def _launch(root_dir: Path, env: dict, token: str, log_path: Path) -> JupyterLab:
     port = free_port()
     cmd = [
         sys.executable, "-m", "jupyterlab",
@@ -197,11 +218,4 @@ def running_jupyterlab(root_dir: Path, home: Path, env: dict | None = None, log_
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=root_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    lab = JupyterLab(process, f"http://127.0.0.1:{port}/", token, log_path)
-    try:
-        _wait_until_up(lab, start_timeout)
-        yield lab
-    finally:
-        survivors = _stop(lab)
-        if survivors:
-            raise RuntimeError(f"processes left after stopping JupyterLab: {survivors}")
+    return JupyterLab(process, f"http://127.0.0.1:{port}/", token, log_path)

@@ -103,7 +103,9 @@ _OPENED = """() => { const w = window.jupyterapp && window.jupyterapp.shell.curr
   return !!(w && w.context && w.sessionContext && w.context.path.endsWith(%r)); }"""
 
 _READY = """async () => { const w = window.jupyterapp.shell.currentWidget;
-  await w.context.ready; await w.sessionContext.ready;
+  const timeout = new Promise((_, reject) => setTimeout(
+      () => reject(new Error('the notebook or its kernel was not ready after 180 s')), 180000));
+  await Promise.race([Promise.all([w.context.ready, w.sessionContext.ready]), timeout]);
   return {kernel: w.sessionContext.session && w.sessionContext.session.kernel
                   && w.sessionContext.session.kernel.name,
           runAll: window.jupyterapp.commands.hasCommand('notebook:run-all-cells'),
@@ -162,6 +164,8 @@ def _slider(scope, name: str):
 
 
 def test_latent_explorer_renders_and_responds(lab, page):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     artifacts = _artifacts()
     for stale in [*artifacts.glob("browser_01_*.png"), *artifacts.glob("browser_01_*.json")]:
         stale.unlink()
@@ -180,6 +184,9 @@ def test_latent_explorer_renders_and_responds(lab, page):
         state, timings["run_all"] = _wait_for_run(page, RUN_TIMEOUT_S)
 
         # the explorer: one output holding both sliders and an image, rendered by the widget manager
+        outputs_text = page.locator(".jp-OutputArea").evaluate_all("els => els.map(e => e.textContent).join('\\n')")
+        bad = [t for t in BAD_TEXT if t in outputs_text]
+        assert not bad, f"the widget front-end did not render the widgets: {bad} in the outputs"
         explorer = page.locator(".jp-OutputArea-output").filter(has=page.locator("img.widget-image"))
         for name in SLIDERS:
             explorer = explorer.filter(has=_slider(page, name))
@@ -191,10 +198,7 @@ def test_latent_explorer_renders_and_responds(lab, page):
             assert slider.count() == 1 and slider.is_visible(), f"slider {name} not rendered"
             assert slider.locator(".noUi-handle").count() == 1, f"slider {name} has no handle"
         image = explorer.locator("img.widget-image")
-        assert image.count() == 1 and image.is_visible()
-        outputs_text = page.locator(".jp-OutputArea").evaluate_all("els => els.map(e => e.innerText).join('\\n')")
-        bad = [t for t in BAD_TEXT if t in outputs_text]
-        assert not bad, f"widget front-end did not render the widgets: {bad} in the outputs"
+        assert image.count() == 1 and image.is_visible(), "the explorer's image is not shown"
 
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
                                timeout=30_000)
@@ -219,8 +223,13 @@ def test_latent_explorer_renders_and_responds(lab, page):
             readout_after = sliders["z1"].locator(".widget-readout").inner_text()
         assert readout_after != readout_before, f"slider z1 did not move (readout {readout_before!r})"
 
-        page.wait_for_function("([img, src]) => img.src !== src && img.complete && img.naturalWidth > 0",
-                               arg=[image.element_handle(), before["src"]], timeout=60_000)
+        try:
+            page.wait_for_function("([img, src]) => img.src !== src && img.complete && img.naturalWidth > 0",
+                                   arg=[image.element_handle(), before["src"]], timeout=60_000)
+        except PlaywrightTimeout:
+            pytest.fail(f"moving z1 from {readout_before} to {readout_after} did not change the image "
+                        "within 60 s (is the slider observed? does the callback raise? see the kernel log)",
+                        pytrace=False)
         _wait_for_run(page, 60)  # the kernel has handled every slider change
         page.wait_for_timeout(500)
         after = image.evaluate(_IMAGE)
@@ -228,6 +237,8 @@ def test_latent_explorer_renders_and_responds(lab, page):
         page.screenshot(path=str(artifacts / "browser_01_after.png"))
         explorer.screenshot(path=str(artifacts / "browser_01_explorer_after.png"))
 
+        (artifacts / "browser_01_image_before.png").write_bytes(bytes(before["bytes"]))
+        (artifacts / "browser_01_image_after.png").write_bytes(bytes(after["bytes"]))
         assert before["width"] > 0 and after["width"] > 0, "the explorer image is not a decodable picture"
         assert after["src"] != before["src"], "the <img> src did not change after moving the slider"
         assert after["bytes"] != before["bytes"], "the image changed its src but not its picture"
@@ -243,7 +254,7 @@ def test_latent_explorer_renders_and_responds(lab, page):
             timings["grey_range_after"] = f"{px_after.min()}-{px_after.max()}"
         timings["z1"] = f"{readout_before} -> {readout_after}"
         bad = [t for t in BAD_TEXT if t in page.locator(".jp-OutputArea").evaluate_all(
-            "els => els.map(e => e.innerText).join('\\n')")]
+            "els => els.map(e => e.textContent).join('\\n')")]
         assert not bad, f"after moving the slider the outputs show {bad}"
     except BaseException:
         try:
