@@ -60,7 +60,7 @@ def load_resnet18(pretrained: bool = True, *, allow_random: bool | None = None, 
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear message
         message = weights_help(weights, err)
         if not allow_random:
-            raise PretrainedWeightsUnavailable(message) from err
+            raise PretrainedWeightsUnavailable(message) from None   # the message names the cause
         print("!" * 78 + "\n" + message + "\nCONTINUING FROM RANDOM WEIGHTS (allowed in the smoke profile "
               "only): every 'pretrained' number below is MEANINGLESS.\n" + "!" * 78)
         return resnet18(weights=None), False
