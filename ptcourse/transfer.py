@@ -35,16 +35,13 @@ def _socket_timeout(seconds):
 
 
 def load_resnet18(pretrained: bool = True, *, allow_random: bool | None = None, timeout: float = 10.0):
-    """A torchvision ResNet-18 with ImageNet weights (``ResNet18_Weights.IMAGENET1K_V1``).
-
-    The weights come through torchvision's normal path: the file in ``torch.hub.get_dir()/checkpoints``
-    (``$TORCH_HOME/hub``), downloaded on first use; no socket waits longer than ``timeout`` s.
-    If they cannot be had: with ``allow_random`` (default: only in the smoke profile) it warns loudly
-    and returns random weights; otherwise it raises :class:`PretrainedWeightsUnavailable` saying where
-    torchvision looked and how to fix it. Returns ``(model, pretrained_weights_loaded)``.
+    """``(ResNet-18, loaded)`` with ImageNet weights from torchvision's cache (``$TORCH_HOME/hub/checkpoints``),
+    downloaded on first use (no socket waits longer than ``timeout`` s). If they cannot be had: with
+    ``allow_random`` (default: smoke profile only) a loud warning and random weights (``loaded=False``),
+    else :class:`PretrainedWeightsUnavailable` saying where torchvision looked and how to fix it.
 
     Example:
-        >>> net, ok = load_resnet18()          # ok is False only when random weights were allowed
+        >>> net, loaded = load_resnet18()
     """
     from torchvision.models import ResNet18_Weights, resnet18
 
@@ -84,9 +81,7 @@ def weights_help(weights, err=None) -> str:
 
 
 class Preprocess(nn.Module):
-    """Resize a batch of [0, 1] images to ``size`` x ``size`` and normalise it, on the model's device.
-
-    Example:
+    """Resize a batch of [0, 1] images to ``size`` x ``size`` and normalise it, on the model's device. Example:
         >>> prep = Preprocess(64, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         >>> prep(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 3, 64, 64])
@@ -105,17 +100,12 @@ class Preprocess(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def is_norm(module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
-
-
 class PartlyFrozen(nn.Module):
     """``net`` with every parameter frozen except those under the ``trainable`` submodules.
 
-    Frozen BatchNorm layers (all of whose parameters are frozen) stay in eval mode, so they
-    normalise with their pretrained running statistics and never update them. ``fit`` calls
-    ``model.train()`` at the start of every epoch, which would switch them back to train mode;
-    ``train()`` is therefore overridden here, the one method every mode change goes through.
+    Frozen BatchNorm layers (no trainable parameter) stay in eval mode: they use their pretrained running
+    statistics and never update them. ``fit`` calls ``model.train()`` every epoch, which would switch them
+    back, so ``train()``, the one method every mode change goes through, is overridden.
 
     Example:
         >>> model = PartlyFrozen(torchvision.models.resnet18(), trainable=("layer4", "fc"))
@@ -135,7 +125,8 @@ class PartlyFrozen(nn.Module):
         self.train()
 
     def frozen_norms(self) -> list[nn.Module]:
-        return [m for m in self.net.modules() if is_norm(m) and not any(p.requires_grad for p in m.parameters())]
+        return [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and not any(p.requires_grad for p in m.parameters())]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -153,11 +144,8 @@ def count_params(model: nn.Module, trainable: bool = True) -> int:
 
 
 def discriminative_groups(net: nn.Module, head_lr: float, decay: float = 0.5, stages=RESNET_STAGES) -> list[dict]:
-    """Optimizer parameter groups, one per stage: the head gets ``head_lr``, each stage below it ``decay`` x less.
-
-    Only trainable parameters are included; stages without any are left out.
-
-    Example:
+    """Optimizer parameter groups, one per stage (trainable parameters only, empty stages left out): the head
+    gets ``head_lr``, each stage below it ``decay`` times less. Example:
         >>> groups = discriminative_groups(resnet, head_lr=0.01, decay=0.5)   # fc 0.01, layer4 0.005, ...
         >>> optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     """
@@ -178,10 +166,8 @@ def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target=None) ->
 
     With ``A`` the layer's output [N, K, h, w] and ``y`` the target's logit:
     ``cam = ReLU(sum_k alpha_k A_k)`` where ``alpha_k`` is the spatial mean of ``dy/dA_k``.
-    A forward hook keeps ``A``, a backward hook on it keeps the gradient; both are removed after.
-    Returns [N, h, w] at the layer's resolution. Call ``model.eval()`` first.
-
-    Example:
+    A forward hook keeps ``A``, a backward hook on it its gradient. Returns [N, h, w] at the layer's
+    resolution. Call ``model.eval()`` first. Example:
         >>> cam = gradcam(model.eval(), model.layer4, images, target=labels)   # [N, 7, 7] at 224 px
     """
     seen = {}
