@@ -74,7 +74,7 @@ def weights_help(weights, err=None) -> str:
              else "does not exist, and downloading it failed")
     return (f"Could not load the pretrained weights {weights}{why}.\n"
             f"torchvision looked for {path}: it {state}.\n"
-            f"(hub dir {hub}; TORCH_HOME={home if home else 'not set, so ~/.cache/torch'}; URL {weights.url})\n"
+            f"(hub dir {hub}; TORCH_HOME={home or 'not set (default $XDG_CACHE_HOME/torch or ~/.cache/torch)'}; URL {weights.url})\n"
             f"To fix: run this once with internet access (the file is then cached for good), or copy "
             f"{name} from a machine that has it into {os.path.join(hub, 'checkpoints')}/ "
             f"(or set TORCH_HOME to a folder whose hub/checkpoints/ holds it).")
