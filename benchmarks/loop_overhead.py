@@ -205,7 +205,7 @@ def main():
                 cpu[m].append(steps / clock.cpu)
             mean_loss[m] = loss
             line.append(f"{m} {steps / clock.wall:6.1f}")
-        print(f"  round {r}{' (warm-up)' if r == 0 else '          '}  steps/s: " + "   ".join(line),
+        print(f"  round {r:2d}{' (warm-up)' if r == 0 else '          '}  steps/s: " + "   ".join(line),
               flush=True)
     load1 = os.getloadavg()
 
