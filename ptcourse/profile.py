@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +47,26 @@ def best_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _cuda_compute_capability() -> int:
+    """The first GPU's major compute capability, asked of ``nvidia-smi`` so that CUDA is not
+    initialised here (a kernel that initialised CUDA cannot fork workers for Accelerate's
+    ``notebook_launcher``); falls back to asking torch."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+        return int(float(out[0]))
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return torch.cuda.get_device_capability()[0]
+
+
 def best_precision(device: torch.device) -> str:
-    """``bf16`` on a CUDA GPU that supports it, ``fp16`` (with a gradient scaler) on older GPUs, else ``fp32``."""
+    """``bf16`` on CUDA GPUs with native bf16 (compute capability 8+: A100, L4, H100, RTX 30xx+),
+    ``fp16`` with a gradient scaler on older ones (T4, V100), else ``fp32``.
+
+    (``torch.cuda.is_bf16_supported()`` also says yes on a T4, where bf16 is only emulated and slow.)
+    """
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _cuda_compute_capability() >= 8 else "fp16"
     return "fp32"
 
 

@@ -70,13 +70,18 @@ def to_device(batch, device):
     return batch
 
 
-def _world():
-    """(rank, local_rank, world_size) from the launcher's environment, starting the process group."""
+def _world(device=None):
+    """(rank, local_rank, world_size) from the launcher's environment, starting the process group.
+
+    The backend follows the device: NCCL for CUDA tensors, gloo for the CPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if on_cuda and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
     return 0, 0, 1
@@ -106,7 +111,7 @@ def _check_labels(logits, targets):
     """A clear error for class labels the model cannot output (instead of a C++ assert)."""
     if (torch.is_tensor(logits) and logits.ndim == 2 and torch.is_tensor(targets)
             and targets.ndim == 1 and not targets.is_floating_point() and len(targets)):
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = (int(v) for v in torch.aminmax(targets))
         if lo < 0 or hi >= logits.shape[1]:
             raise ValueError(
                 f"Labels must lie in 0..{logits.shape[1] - 1} for a model with {logits.shape[1]} "
@@ -180,7 +185,7 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, device=None, precisio
         >>> evaluate(model, test_loader, {"acc": accuracy})
         {'loss': 0.31, 'acc': 0.91}
     """
-    rank, local_rank, world = _world()
+    rank, local_rank, world = _world(device)
     device = _resolve_device(device, local_rank, world)
     autocast, _, _ = _autocast(device, precision)
     metrics = _as_metric_dict(metrics)
@@ -266,7 +271,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
         raise ValueError("give loss_fn= or step_fn=, not both.")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, not {grad_accum}.")
-    rank, local_rank, world = _world()
+    rank, local_rank, world = _world(device)
     main = rank == 0
     device = _resolve_device(device, local_rank, world)
     autocast, needs_scaler, precision = _autocast(device, precision)
@@ -314,7 +319,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
                 if loss is None:
                     raise ValueError("the model returned no loss: pass loss_fn= or step_fn=, "
                                      "or put 'labels' in the batch of a Hugging Face model.")
-                scaled = loss / group
+                scaled = loss if group == 1 else loss / group
                 (scaler.scale(scaled) if scaler else scaled).backward()
             if last_micro:
                 if max_grad_norm is not None:
