@@ -178,8 +178,12 @@ def _set_rng_state(state):
 
 # ----------------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def evaluate(model, loader, metrics=None, *, loss_fn=None, device=None, precision="auto") -> dict:
+def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=None,
+             precision="auto") -> dict:
     """Average loss and metrics of ``model`` over ``loader`` (sample-weighted; reduced over processes).
+
+    With ``step_fn`` the loss is ``step_fn(model, batch)``, the objective ``fit`` trained with
+    (e.g. a reconstruction or contrastive loss); metrics then still see ``model(inputs)``.
 
     Example:
         >>> evaluate(model, test_loader, {"acc": accuracy})
@@ -195,8 +199,12 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, device=None, precisio
     for batch in _shard(loader, rank, world):
         batch = to_device(batch, device)
         with autocast():
-            logits, targets, loss = forward(model, batch, loss_fn)
-        n = len(targets) if targets is not None else len(logits)
+            if step_fn is None:
+                logits, targets, loss = forward(model, batch, loss_fn)
+            else:
+                loss = step_fn(model, batch)
+                logits, targets, _ = forward(model, batch, _no_loss) if metrics else (None, None, None)
+        n = _batch_size(batch)
         sums[0] += n
         sums[1] += float(loss) * n if loss is not None else math.nan
         for j, fn in enumerate(metrics.values()):
@@ -230,6 +238,17 @@ def predict(model, loader, *, device=None, precision="auto"):
             all_targets.append(targets.cpu())
     model.train(was_training)
     return torch.cat(all_logits), (torch.cat(all_targets) if all_targets else None)
+
+
+def _no_loss(logits, targets):
+    return None
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        first = batch.get("labels") if batch.get("labels") is not None else next(iter(batch.values()))
+        return len(first)
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
 
 
 def _as_metric_dict(metrics):
@@ -349,7 +368,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(epoch_losses)),
                "lr": optimizer.param_groups[0]["lr"]}
         if val_loader is not None:
-            val = evaluate(raw_model, val_loader, metrics, loss_fn=loss_fn if step_fn is None else None,
+            val = evaluate(raw_model, val_loader, metrics, loss_fn=loss_fn, step_fn=step_fn,
                            device=device, precision=precision)
             row.update({f"val_{k}": v for k, v in val.items()})
         if world > 1:  # the mean train loss over all processes

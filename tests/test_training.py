@@ -211,3 +211,19 @@ def test_out_of_memory_becomes_advice():
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), Greedy())
     with pytest.raises(ptcourse.training.OutOfMemoryAdvice, match=r"batch size 16 .*grad_accum=2"):
         ptcourse.fit(model, DataLoader(blobs(32), batch_size=16), epochs=1, progress=False)
+
+
+def test_validation_with_step_fn_reports_the_training_objective():
+    """An autoencoder trained with step_fn: val_loss is its reconstruction loss, not a cross-entropy."""
+    x, _ = blobs(128).tensors
+    ae = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.Linear(3, 8))
+
+    def recon(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[0])
+
+    loader = DataLoader(TensorDataset(x, torch.zeros(128, dtype=torch.long)), batch_size=32)
+    ptcourse.seed_everything(0)
+    h = ptcourse.fit(ae, loader, epochs=3, step_fn=recon, val_loader=loader, lr=1e-2, progress=False)
+    expected = torch.nn.functional.mse_loss(ae(x), x).item()
+    assert h.last["val_loss"] == pytest.approx(expected, rel=1e-4)
+    assert h["val_loss"][-1] < h["val_loss"][0]
