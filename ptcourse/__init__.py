@@ -17,7 +17,8 @@ from .history import History
 from .profile import Profile, profile, seed_everything
 from .report import report
 from .training import NonFiniteLossError, accuracy, evaluate, fit, predict
+from . import checks  # noqa: E402  (last: the chapter checks use the modules above)
 
 __version__ = "0.1.0"
 __all__ = ["Profile", "profile", "seed_everything", "doctor", "data", "fit", "evaluate", "predict",
-           "accuracy", "History", "NonFiniteLossError", "report", "losses", "plots", "probes", "checkpoint"]
+           "accuracy", "History", "NonFiniteLossError", "report", "losses", "plots", "probes", "checkpoint", "checks"]

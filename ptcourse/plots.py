@@ -104,6 +104,7 @@ def accuracy_vs_labels(budgets, results: dict, title="accuracy vs labels per cla
         mean = np.array([a.mean() for a in arr]); std = np.array([a.std() for a in arr])
         ax.errorbar(budgets, mean, yerr=std, marker="o", capsize=3, label=name)
     ax.set_xscale("log"); ax.set_xticks(budgets); ax.set_xticklabels([str(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no stray "6x10^0" labels between budgets
     ax.set_xlabel("labelled examples per class"); ax.set_ylabel("test accuracy")
     ax.set_title(title); ax.grid(alpha=0.3); ax.legend()
     fig.tight_layout()
