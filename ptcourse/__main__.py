@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     run.add_argument("--out", default="runs", help="folder for executed copies and status (default: runs/)")
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
+    run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         except FileNotFoundError as err:
             print(err)
             return 2
-        rows = lab.run_notebooks(notebooks, prof, Path(args.out), force=args.force)
+        rows = lab.run_notebooks(notebooks, prof, Path(args.out), force=args.force, timeout=args.timeout)
         print()
         print(lab.summary(rows, Path(args.out) / "results"))
         return 1 if any(r["status"] != "passed" for r in rows) else 0

@@ -118,9 +118,11 @@ def find_notebooks(root: Path, names=None) -> list[Path]:
     return out
 
 
-def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = False, timeout: int = 3600,
+def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = False, timeout: int = 1800,
                   echo=print) -> list[dict]:
     """Execute notebooks in fresh kernels; executed copies and ``status.json`` go to ``out_dir``.
+
+    ``timeout`` bounds each cell (seconds): a cell that runs longer fails the notebook.
 
     Notebooks recorded as passed in ``status.json`` (same profile) are skipped unless ``force``.
     """
@@ -146,15 +148,17 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
                 continue
             echo(f"run   {key} ({profile_name}) ...")
             nb = nbformat.read(path, as_version=4)
+            progress = {"cell": None}
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                    resources={"metadata": {"path": str(path.parent)}})
+                                    resources={"metadata": {"path": str(path.parent)}},
+                                    on_cell_start=lambda cell, cell_index: progress.update(cell=cell_index))
             t0, error = time.time(), None
             try:
                 client.execute()
             except CellExecutionError as err:
                 error = f"{err.ename}: {err.evalue}"[:300]
             except Exception as err:  # noqa: BLE001 - a dead kernel, a timeout, ...
-                error = f"{type(err).__name__}: {err}"[:300]
+                error = f"{type(err).__name__} in cell {progress['cell']}: {err}"[:300]
             dest = out_dir / path.parent.name / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, dest)
