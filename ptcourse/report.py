@@ -120,7 +120,8 @@ HEADLINE = {
                            "acc_full_finetune", "acc_scratch"],
     "05_knowledge_distillation": ["acc_teacher", "acc_student_scratch", "acc_student_kd", "mnist_acc_scratch",
                                   "mnist_acc_kd_transfer", "size_kb_student", "size_kb_student_quantized",
-                                  "latency_ms_student", "latency_ms_student_quantized"],
+                                  "latency_ms_student", "latency_ms_student_quantized",
+                                  "latency_ms_per_image_b64_student", "latency_ms_per_image_b64_student_quantized"],
 }
 
 
