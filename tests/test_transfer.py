@@ -245,26 +245,26 @@ def test_check_discriminative_groups():
         assert not checks.check_discriminative_groups(wrong, quiet=True), wrong.__name__
 
 
+def _activation_and_grad(model, layer, x, target):
+    """The layer's activation A and d(target logit)/dA, as a wrong Grad-CAM would start."""
+    seen = {}
+    h = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("A", o))
+    try:
+        logits = model(x)
+        dA, = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), seen["A"])
+    finally:
+        h.remove()
+    return seen["A"], dA
+
+
 def test_check_gradcam():
     def no_relu(model, layer, x, target):
-        seen = {}
-        h = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("A", o))
-        try:
-            logits = model(x)
-            dA, = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), seen["A"])
-        finally:
-            h.remove()
-        return (dA.mean((2, 3), keepdim=True) * seen["A"]).sum(1).detach()
+        A, dA = _activation_and_grad(model, layer, x, target)
+        return (dA.mean((2, 3), keepdim=True) * A).sum(1).detach()
 
     def grad_times_activation(model, layer, x, target):
-        seen = {}
-        h = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("A", o))
-        try:
-            logits = model(x)
-            dA, = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), seen["A"])
-        finally:
-            h.remove()
-        return F.relu((dA * seen["A"]).sum(1)).detach()
+        A, dA = _activation_and_grad(model, layer, x, target)
+        return F.relu((dA * A).sum(1)).detach()
 
     def leaves_hook(model, layer, x, target):
         seen = {}
