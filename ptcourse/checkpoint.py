@@ -19,20 +19,26 @@ from pathlib import Path
 import torch
 
 
-def save_atomic(obj, path) -> None:
-    """``torch.save(obj, path)`` so that ``path`` always holds either the old or the new file."""
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a temporary binary file beside ``path``, flush it to disk, then
+    rename it over ``path``: readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path) -> None:
+    """``torch.save(obj, path)`` so that ``path`` always holds either the old or the new file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path, map_location="cpu"):

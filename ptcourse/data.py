@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .checkpoint import atomic_write
 
 # name -> (kind, splits, how to fetch it)
 DATASETS = {
@@ -254,19 +255,6 @@ def _read_jsonl(path: Path):
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -287,23 +275,17 @@ def write_dataset(name: str, splits: dict, classes: list[str], source: str) -> P
         if isinstance(xs, np.ndarray):
             path = folder / f"{split}.npz"
             # np.savez_compressed appends .npz to names without it, so write through a file object
-            _atomic_write(path, lambda tmp: _savez(tmp, xs, ys))
+            atomic_write(path, lambda f: np.savez_compressed(f, images=xs, labels=np.asarray(ys, dtype=np.int64)))
         else:
             path = folder / f"{split}.jsonl"
             lines = "".join(json.dumps({"text": t, "label": int(y)}, ensure_ascii=False) + "\n"
                             for t, y in zip(xs, ys))
-            _atomic_write(path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+            atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
         files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
     meta = {"name": name, "classes": list(classes), "splits": {s: len(v[1]) for s, v in splits.items()},
             "source": source, "files": files}
-    _atomic_write(folder / "meta.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
     return folder
-
-
-def _savez(tmp, xs, ys):
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, images=xs, labels=np.asarray(ys, dtype=np.int64))
 
 
 def verify(name: str) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .profile import profile
 
 _START = time.time()
@@ -67,9 +68,7 @@ def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
               "threads": torch.get_num_threads()}
     path = results_dir() / f"{chapter}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode("utf-8")))
     if not quiet:
         print(f"Recorded {chapter} ({P.name} profile, {record['wall_time_s']:.0f} s) in {path}:")
         for k, v in record["metrics"].items():
