@@ -15,3 +15,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(share))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebook cells (nbval) belong to the slow tier, like tests marked ``slow`` by hand."""
+    import pytest
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)

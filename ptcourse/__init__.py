@@ -6,19 +6,48 @@
     history = ptcourse.fit(model, loader, epochs=3, val_loader=val, metrics={"acc": ptcourse.accuracy})
     ptcourse.report("00_getting_started", {"val_acc": history.last["val_acc"]})
 
-One module per concept: ``profile`` (run profiles, seeding), ``data`` (datasets), ``training``
-(``fit``, ``evaluate``, ``predict``), ``history``, ``checkpoint``, ``losses``, ``plots``,
-``checks`` (exercise checks), ``report`` (results), ``doctor`` (environment check),
-``exercises`` (builds exercises/ from solutions/).
-"""
-from . import checkpoint, data, losses, plots, probes
-from .doctor import doctor
-from .history import History
-from .profile import Profile, profile, seed_everything
-from .report import report
-from .training import NonFiniteLossError, accuracy, evaluate, fit, predict
-from . import checks  # noqa: E402  (last: the chapter checks use the modules above)
+The layers, each in one place:
 
-__version__ = "0.1.0"
-__all__ = ["Profile", "profile", "seed_everything", "doctor", "data", "fit", "evaluate", "predict",
-           "accuracy", "History", "NonFiniteLossError", "report", "losses", "plots", "probes", "checkpoint", "checks"]
+* **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``data``
+  (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``distributed`` (several processes),
+  ``checkpoint`` (atomic files, training state, resume), ``history``, ``losses``, ``probes``
+  (frozen features, kNN, linear probes), ``plots``, ``results`` (``report`` and significance of
+  differences over seeds);
+* **chapter helpers**: ``ptcourse.chapters.<chapter>`` and the exercise checks
+  ``ptcourse.checks.<chapter>``, named like the notebooks;
+* **tooling** for TAs and maintainers: ``ptcourse.tools`` (``doctor``, ``download``, ``run``,
+  the exercise generator, README sync), run as ``python -m ptcourse <command>``.
+
+Submodules load on first use, so ``import ptcourse`` costs little more than ``import torch``.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_API = {
+    "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
+    "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop",
+    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop",
+    "History": "history", "report": "results", "doctor": "tools.doctor",
+}
+_MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes",
+            "plots", "results", "chapters", "checks", "tools")
+__all__ = [*_API, *_MODULES]
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'ptcourse' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ptcourse doctor | results | download | run``."""
+"""Command line: ``python -m ptcourse doctor | results | download | run | exercises``."""
 from __future__ import annotations
 
 import argparse
@@ -26,22 +26,28 @@ def main(argv=None) -> int:
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    ex = sub.add_parser("exercises", help="build exercises/ from solutions/ (maintainers)")
+    ex.add_argument("action", choices=["build", "check"], help="build: write exercises/; check: fail if stale")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
-        from .doctor import doctor
+        from .tools.doctor import doctor
         doctor()
         return 0
     if args.command == "results":
-        from .report import results_table, sync_readme
+        from .results import results_table
+        from .tools.readme import sync_readme
         if args.update_readme:
             same = sync_readme(args.update_readme, args.dir)
             print(f"{args.update_readme}: " + ("already up to date" if same else "results table updated"))
             return 0
         print(results_table(args.dir, markdown=args.markdown))
         return 0
-    from . import lab
-    from .profile import profile
+    if args.command == "exercises":
+        from .tools import exercises
+        return exercises.main([args.action])
+    from .runtime import profile
+    from .tools import lab
     prof = args.profile or profile().name
     if prof not in lab.DATASETS_FOR:
         parser.error(f"--profile must be one of {', '.join(lab.DATASETS_FOR)}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .profile import best_device
+from .runtime import best_device
 
 
 @torch.no_grad()

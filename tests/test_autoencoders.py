@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ptcourse.checks import autoencoders as ae
-from ptcourse.checks import check_add_noise, check_autoencoder, check_budget_loop, check_classifier
+from ptcourse.checks.autoencoders import check_add_noise, check_autoencoder, check_budget_loop, check_classifier
 
 
 # ----------------------------------------------------------------------------- add_noise

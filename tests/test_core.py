@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ptcourse
-from ptcourse import exercises, report as report_mod
+from ptcourse import results as report_mod
+from ptcourse.tools import exercises
 from ptcourse.__main__ import main as cli
 
 

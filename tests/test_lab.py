@@ -5,7 +5,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from ptcourse import data, lab
+from ptcourse import data
+from ptcourse.tools import lab
 from ptcourse.__main__ import main as cli
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ptcourse import exercises
+from ptcourse.tools import exercises
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(p for d in ("chapters", "solutions", "exercises") for p in (ROOT / d).glob("*.ipynb"))
@@ -28,7 +28,7 @@ def test_first_cell_is_the_setup_cell():
 
 def test_exercises_are_up_to_date():
     stale = exercises.build(ROOT, check=True)
-    assert not stale, "run `python -m ptcourse.exercises build`: stale " + ", ".join(p.name for p in stale)
+    assert not stale, "run `python -m ptcourse exercises build`: stale " + ", ".join(p.name for p in stale)
 
 
 def test_every_solutions_notebook_has_an_exercise_and_a_chapter():

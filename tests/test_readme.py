@@ -1,8 +1,8 @@
 """The README's generated parts stay true: chapter links, the Colab URLs, the results table."""
 from pathlib import Path
 
-from ptcourse import _meta
-from ptcourse.report import sync_readme
+from ptcourse.tools import meta as _meta
+from ptcourse.tools.readme import sync_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -14,7 +14,7 @@ def test_every_chapter_is_linked_with_its_colab_badge():
     for nb in chapters:
         rel = f"chapters/{nb.name}"
         assert f"]({rel})" in README, f"README does not link {rel}"
-        assert _meta.colab_url(rel) in README, f"README has no Colab link for {rel} (from ptcourse._meta)"
+        assert _meta.colab_url(rel) in README, f"README has no Colab link for {rel} (from ptcourse.tools.meta)"
 
 
 def test_results_table_matches_the_recorded_results():

@@ -17,7 +17,7 @@ __all__ = ["check_add_noise", "check_autoencoder", "check_classifier", "check_bu
 
 
 def _compare(*args, **kwargs):
-    from . import compare  # the package imports this module at its end, so import lazily
+    from ._common import compare
     return compare(*args, **kwargs)
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptcourse import augment, checks, probes
+from ptcourse import probes
+from ptcourse.chapters import contrastive_learning as augment
+from ptcourse.checks import contrastive_learning as checks
 from ptcourse.losses import nt_xent
 
 

@@ -22,10 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from ._meta import SETUP_CELL
+from .meta import SETUP_CELL
 
 BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "### HINT:"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lines(cell) -> list[str]:
@@ -119,7 +119,7 @@ def setup_cell_problems(root: Path = ROOT) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ptcourse.exercises", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ptcourse exercises", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "check"])
     parser.add_argument("--check", action="store_true", help="same as the 'check' command: write nothing, "
                         "exit 1 when exercises/ is out of date")
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     if checking:
         if stale:
             print("exercises/ is out of date for: " + ", ".join(p.name for p in stale) +
-                  "\nRun: python -m ptcourse.exercises build")
+                  "\nRun: python -m ptcourse exercises build")
             return 1
         print("exercises/ is up to date.")
         return 0

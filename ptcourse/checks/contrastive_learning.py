@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckResult, compare
+from ._common import CheckResult, compare
 
 __all__ = ["check_nt_xent", "check_two_views", "check_knn_predict"]
 

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from . import data
-from .profile import profile
-from .report import versions
+from .. import data
+from ..runtime import profile
+from ..results import versions
 
 # lowest versions whose APIs the course uses
 MINIMUM = {"torch": "2.3", "torchvision": "0.18", "transformers": "4.48", "datasets": "3.0",

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from . import CheckResult, compare
+from ._common import CheckResult, compare
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares"]
 
@@ -91,7 +91,7 @@ def check_discriminative_groups(student_fn, quiet=False) -> CheckResult:
     in that order, with LR ``head_lr * decay**depth`` (the head at depth 0), trainable parameters only."""
     import torchvision
 
-    from ..transfer import PartlyFrozen, discriminative_groups
+    from ..chapters.resnet_transfer import PartlyFrozen, discriminative_groups
 
     name = "check_discriminative_groups"
     hint = ("stages are (conv1, bn1), layer1, layer2, layer3, layer4, fc; the group of the fc head gets head_lr, "
@@ -182,7 +182,7 @@ def _small_cnn(seed):
 def check_gradcam(student_fn, quiet=False) -> CheckResult:
     """``student_fn(model, layer, x, target)`` must return the Grad-CAM map [N, h, w] of ``layer`` for the
     classes ``target`` [N], and remove its hooks."""
-    from ..transfer import gradcam
+    from ..chapters.resnet_transfer import gradcam
 
     name = "check_gradcam"
     hint = ("A = layer output (forward hook), dA = its gradient (backward hook on A, or torch.autograd.grad); "

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from . import CheckResult, _describe, compare
-from ..text import mask_tokens, pad_collate
+from ._common import CheckResult, _describe, compare
+from ..chapters.bert_finetuning import mask_tokens, pad_collate
 
 __all__ = ["check_attention", "check_pad_collate", "check_mask_tokens", "reference_attention"]
 

@@ -1,4 +1,4 @@
-"""Chapter 04 library code (ptcourse.transfer) and its exercise checks."""
+"""Chapter 04 library code (ptcourse.chapters.resnet_transfer) and its exercise checks."""
 import copy
 import socket
 import threading
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ptcourse import checks
-from ptcourse import transfer as T
+from ptcourse.checks import resnet_transfer as checks
+from ptcourse.chapters import resnet_transfer as T
 
 
 # ----------------------------------------------------------------------------- pretrained weights

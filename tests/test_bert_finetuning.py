@@ -1,12 +1,12 @@
-"""Chapter 03: ptcourse.text (collate, length-grouped sampler, MLM masking) and the exercise checks."""
+"""Chapter 03: ptcourse.chapters.bert_finetuning (collate, length-grouped sampler, MLM masking) and the exercise checks."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ptcourse.checks import check_attention, check_mask_tokens, check_pad_collate, reference_attention
-from ptcourse.text import LengthGroupedBatchSampler, MLMCollate, Tokenized, mask_tokens, pad_collate, padding_fraction
+from ptcourse.checks.bert_finetuning import check_attention, check_mask_tokens, check_pad_collate, reference_attention
+from ptcourse.chapters.bert_finetuning import LengthGroupedBatchSampler, MLMCollate, Tokenized, mask_tokens, pad_collate, padding_fraction
 
 
 # ----------------------------------------------------------------------------- attention

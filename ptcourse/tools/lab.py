@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from . import data
+from .. import data
 
 # what each profile's notebooks need
 DATASETS_FOR = {"smoke": ["mnist", "cifar10", "rotten_tomatoes"],

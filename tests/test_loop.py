@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ptcourse
 from ptcourse import checkpoint
-from ptcourse.training import NonFiniteLossError
+from ptcourse.loop import NonFiniteLossError
 
 SCRIPT = Path(__file__).with_name("_train_script.py")
 
@@ -209,7 +209,7 @@ def test_out_of_memory_becomes_advice():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), Greedy())
-    with pytest.raises(ptcourse.training.OutOfMemoryAdvice, match=r"batch size 16 .*grad_accum=2"):
+    with pytest.raises(ptcourse.loop.OutOfMemoryAdvice, match=r"batch size 16 .*grad_accum=2"):
         ptcourse.fit(model, DataLoader(blobs(32), batch_size=16), epochs=1, progress=False)
 
 

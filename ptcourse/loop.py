@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 from . import checkpoint as ckpt
 from .history import History
-from .profile import best_device, best_precision
+from .runtime import best_device, best_precision
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import CheckResult, compare
+from ._common import CheckResult, compare
 
 __all__ = ["check_softmax_t", "check_distillation_loss", "check_latency"]
 

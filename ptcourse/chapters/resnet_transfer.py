@@ -48,7 +48,7 @@ def load_resnet18(pretrained: bool = True, *, allow_random: bool | None = None, 
     if not pretrained:
         return resnet18(weights=None), False
     if allow_random is None:
-        from .profile import profile
+        from ..runtime import profile
         allow_random = profile().name == "smoke"
     weights = ResNet18_Weights.IMAGENET1K_V1
     try:

@@ -1,4 +1,4 @@
-"""Chapter 05: the distillation loss, its exercise checks, and ptcourse.compress."""
+"""Chapter 05: the distillation loss, its exercise checks, and ptcourse.chapters.knowledge_distillation."""
 import math
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ptcourse import compress
-from ptcourse.checks import check_distillation_loss, check_latency, check_softmax_t
+from ptcourse.chapters import knowledge_distillation as compress
+from ptcourse.checks.knowledge_distillation import check_distillation_loss, check_latency, check_softmax_t
 from ptcourse.losses import distillation_loss
 
 
