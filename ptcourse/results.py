@@ -21,6 +21,7 @@ from .checkpoint import atomic_write
 from .runtime import profile
 
 _START = time.time()
+_LOAD_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 KEY_PACKAGES = ("torch", "torchvision", "transformers", "datasets", "accelerate", "numpy", "scikit-learn")
 
 
@@ -65,7 +66,10 @@ def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
               "precision": P.precision, "wall_time_s": round(time.time() - _START, 1),
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "versions": versions(),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              # the 1-minute load average when ptcourse was imported and now: a wall time measured
+              # while other programs ran (load above cpu_count) is not the chapter's own time
+              "load_avg": [_LOAD_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
     path = results_dir() / f"{chapter}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode("utf-8")))
@@ -102,3 +106,61 @@ def results_table(folder=None, markdown: bool = False) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     fmt = "  ".join(f"{{:{w}}}" for w in widths)
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) if rows else "no results recorded yet"
+
+
+class Difference:
+    """The mean difference ``method - baseline`` over seeds with a confidence interval.
+
+    The rule the chapters use to call a gain real: the 95 % confidence interval of the mean
+    difference (Student's t over the seeds, paired by seed when both runs share a seed's data and
+    initialisation) must exclude zero. With ``n`` seeds the interval is
+    ``mean ± t(0.975, n-1) * sd / sqrt(n)``; a single seed gives no interval and no verdict.
+
+    Example:
+        >>> d = Difference([0.93, 0.94, 0.94], [0.89, 0.89, 0.89])
+        >>> round(d.mean, 3), d.verdict("distilled", "scratch").startswith("distilled is better")
+        (0.047, True)
+    """
+
+    def __init__(self, method, baseline, *, paired: bool = True, confidence: float = 0.95):
+        from scipy import stats
+        a, b = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
+        if paired and a.shape != b.shape:
+            raise ValueError(f"paired differences need one baseline per seed: {a.shape} vs {b.shape}")
+        self.n, self.confidence, self.paired = len(a), confidence, paired
+        if paired:
+            diff = a - b
+            self.mean = float(diff.mean())
+            se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
+            dof = len(diff) - 1
+        else:  # Welch's t interval for two independent samples
+            self.mean = float(a.mean() - b.mean())
+            va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+            se = np.sqrt(va + vb)
+            dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else 1
+        half = float(stats.t.ppf(0.5 + confidence / 2, dof) * se) if np.isfinite(se) else np.nan
+        self.low, self.high = self.mean - half, self.mean + half
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes zero (False when it cannot be computed)."""
+        return bool(np.isfinite(self.low) and (self.low > 0 or self.high < 0))
+
+    def verdict(self, method: str = "method", baseline: str = "baseline", unit: float = 100, suffix=" points") -> str:
+        """One sentence: the difference, its interval and what it lets us say."""
+        span = (f"{self.mean * unit:+.1f}{suffix}, {self.confidence:.0%} CI "
+                f"[{self.low * unit:+.1f}, {self.high * unit:+.1f}] over {self.n} "
+                f"{'paired ' if self.paired else ''}seeds")
+        if not np.isfinite(self.low):
+            return f"{method} vs {baseline}: {span}: too few seeds for a verdict."
+        if self.significant:
+            better = method if self.mean > 0 else baseline
+            worse = baseline if self.mean > 0 else method
+            return f"{better} is better than {worse}: {span}."
+        return f"no clear difference between {method} and {baseline}: {span} (the interval includes 0)."
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "paired": self.paired}
+
+    def __repr__(self) -> str:
+        return f"Difference(mean={self.mean:.4g}, low={self.low:.4g}, high={self.high:.4g}, n={self.n})"
