@@ -13,8 +13,11 @@ def main(argv=None) -> int:
     sub.add_parser("doctor", help="versions, device, precision, profile, caches and warnings")
     res = sub.add_parser("results", help="print every recorded chapter result as a table")
     res.add_argument("--dir", default=None, help="results folder (default: PTCOURSE_RESULTS or ./results)")
+    res.add_argument("--root", default=".", help="the course folder holding chapters/ (default: .)")
     res.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
     res.add_argument("--update-readme", metavar="README", help="write the table into README's results section")
+    res.add_argument("--update-notebooks", action="store_true",
+                     help="fill the chapters' 'What we measured' cells from the records")
     dl = sub.add_parser("download", help="fill the dataset and weight caches (idempotent; verifies)")
     dl.add_argument("names", nargs="*", help="datasets / model ids (default: all a profile needs)")
     dl.add_argument("--all", action="store_true", help="everything any profile needs")
@@ -36,10 +39,14 @@ def main(argv=None) -> int:
         return 0
     if args.command == "results":
         from .results import results_table
-        from .tools.readme import sync_readme
+        from .tools.sync import sync_notebooks, sync_readme
+        if args.update_notebooks:
+            stale = sync_notebooks(args.root, args.dir)
+            print("chapters: " + ("updated " + ", ".join(p.name for p in stale) if stale else "already up to date"))
         if args.update_readme:
             same = sync_readme(args.update_readme, args.dir)
             print(f"{args.update_readme}: " + ("already up to date" if same else "results table updated"))
+        if args.update_notebooks or args.update_readme:
             return 0
         print(results_table(args.dir, markdown=args.markdown))
         return 0

@@ -76,15 +76,22 @@ def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
     if not quiet:
         print(f"Recorded {chapter} ({P.name} profile, {record['wall_time_s']:.0f} s) in {path}:")
         for k, v in record["metrics"].items():
-            print(f"  {k:28s} {_fmt(v)}")
+            print(f"  {k:28s} {fmt(v)}")
     return path
 
 
-def _fmt(v):
+def fmt(v, max_items: int | None = None) -> str:
+    """A metric as short text: floats to 4 significant digits, lists in brackets (``max_items`` shown).
+
+    Example:
+        >>> fmt([0.81234, 0.7], max_items=1)
+        '[0.8123, …]'
+    """
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+        shown = v if max_items is None else v[:max_items]
+        return "[" + ", ".join(fmt(x) for x in shown) + (", …" if len(shown) < len(v) else "") + "]"
     return str(v)
 
 
@@ -96,7 +103,7 @@ def load_results(folder=None) -> list[dict]:
 
 def results_table(folder=None, markdown: bool = False) -> str:
     """One row per recorded metric: chapter, profile, metric, value."""
-    rows = [(r["chapter"], r["profile"], k, _fmt(v), f"{r['wall_time_s']:.0f}")
+    rows = [(r["chapter"], r["profile"], k, fmt(v), f"{r['wall_time_s']:.0f}")
             for r in load_results(folder) for k, v in r["metrics"].items()]
     head = ("chapter", "profile", "metric", "value", "wall s")
     if markdown:
@@ -104,8 +111,8 @@ def results_table(folder=None, markdown: bool = False) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
-    fmt = "  ".join(f"{{:{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) if rows else "no results recorded yet"
+    row = "  ".join(f"{{:{w}}}" for w in widths)
+    return "\n".join([row.format(*head)] + [row.format(*r) for r in rows]) if rows else "no results recorded yet"
 
 
 class Difference:

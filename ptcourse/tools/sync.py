@@ -1,0 +1,162 @@
+"""Results that reach prose only through generated tables, from ``results/*.json``.
+
+* the README's summary: ``python -m ptcourse results --dir results --update-readme README.md``
+  rewrites the table between the README's ``results`` markers;
+* each chapter's "What we measured" cell: a markdown cell that starts with
+  ``<!-- measured:NN_name -->`` is filled from ``results/NN_name.json`` by
+  ``python -m ptcourse results --dir results --update-notebooks``;
+* :func:`unrecorded_numbers` finds figures in a chapter's prose that its record does not hold.
+
+Tests fail when either table is stale or when prose quotes a number of its own run that the
+record does not hold, so a chapter's text cannot drift away from its measurements.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..results import fmt, load_results
+
+# the metrics the README's summary shows per chapter (everything is in results/*.json and
+# `python -m ptcourse results`); a chapter not listed here shows all its metrics
+HEADLINE = {
+    "00_getting_started": ["test_acc", "resume_identical", "steps_per_s"],
+    "01_autoencoders": ["labels_per_class", "acc_scratch", "acc_frozen", "acc_finetuned", "acc_knn_dae_code",
+                        "acc_knn_pixels", "recon_mse"],
+    "02_contrastive_learning": ["labels_per_class", "knn_acc_random", "knn_acc_simclr", "linear_acc_random",
+                                "linear_acc_simclr", "acc_supervised_scratch", "augment_images_per_s_v2_per_image",
+                                "augment_images_per_s_batched"],
+    "03_bert_finetuning": ["model", "dataset", "n_train", "acc_frozen", "acc_finetuned", "acc_scratch",
+                           "padding_fraction_fixed", "padding_fraction_dynamic", "speedup_dynamic", "speedup_grouped"],
+    "04_resnet_transfer": ["pretrained", "labels_per_class", "acc_linear_probe", "acc_last_block",
+                           "acc_full_finetune", "acc_scratch"],
+    "05_knowledge_distillation": ["acc_teacher", "acc_student_scratch", "acc_student_kd", "mnist_acc_scratch",
+                                  "mnist_acc_kd_transfer", "size_kb_student", "size_kb_student_quantized",
+                                  "latency_ms_student", "latency_ms_student_quantized",
+                                  "latency_ms_per_image_b64_student", "latency_ms_per_image_b64_student_quantized"],
+}
+
+
+def summary_table(folder=None) -> str:
+    """One Markdown row per chapter: profile, headline metrics, wall time (for the README)."""
+    lines = ["| chapter | profile | headline results | wall time |", "|---|---|---|---|"]
+    for r in load_results(folder):
+        keys = [k for k in HEADLINE.get(r["chapter"], r["metrics"]) if k in r["metrics"]]
+        cell = "<br>".join(f"`{k}` {fmt(r['metrics'][k])}" for k in keys)
+        lines.append(f"| {r['chapter']} | {r['profile']} | {cell} | {r['wall_time_s'] / 60:.0f} min |")
+    return "\n".join(lines)
+
+
+def sync_readme(readme, folder=None, check: bool = False) -> bool:
+    """Put :func:`summary_table` between the README's ``results`` markers.
+
+    Returns whether the README was already up to date; with ``check`` nothing is written.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{summary_table(folder)}\n{end}{tail}"
+    if new != text and not check:
+        readme.write_text(new, encoding="utf-8")
+    return new == text
+
+
+# ----------------------------------------------------------------------------- chapters
+MEASURED = re.compile(r"^<!-- measured:([0-9A-Za-z_]+) -->")
+
+
+def measured_block(chapter: str, record: dict | None) -> str:
+    """The markdown of a chapter's "What we measured" cell, from its record (or a placeholder)."""
+    head = f"<!-- measured:{chapter} -->\n#### What we measured\n\n"
+    if record is None:
+        return head + (f"_No record yet: run this notebook in the `cpu` profile; it writes "
+                       f"`results/{chapter}.json`, and `python -m ptcourse results --update-notebooks` "
+                       "puts it here._")
+    load = record.get("load_avg") or [None, None]
+    busy = ("" if load[1] is None else f", load average {load[0]:.1f} → {load[1]:.1f} on "
+            f"{record.get('cpu_count', '?')} cores")
+    lines = [head + f"Generated from `results/{chapter}.json` (profile `{record['profile']}`, "
+             f"{record['device']}, {record['wall_time_s'] / 60:.1f} min{busy}, recorded "
+             f"{record['recorded'][:10]}). Your own run prints its numbers above; they differ a little "
+             "from machine to machine.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| `{k}` | {fmt(v)} |" for k, v in record["metrics"].items()]
+    return "\n".join(lines)
+
+
+def sync_notebooks(root, folder=None, check: bool = False) -> list[Path]:
+    """Fill every ``<!-- measured:... -->`` cell of ``root/chapters/*.ipynb``; return the stale ones.
+
+    With ``check`` nothing is written.
+    """
+    records = {r["chapter"]: r for r in load_results(folder)}
+    stale = []
+    for path in sorted(Path(root, "chapters").glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        changed = False
+        for cell in nb["cells"]:
+            src = "".join(cell["source"])
+            m = MEASURED.match(src)
+            if cell["cell_type"] != "markdown" or not m:
+                continue
+            new = measured_block(m.group(1), records.get(m.group(1)))
+            if new != src:
+                lines = new.split("\n")
+                cell["source"] = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+                changed = True
+        if changed:
+            stale.append(path)
+            if not check:
+                path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stale
+
+
+# figures that read as measurements of the course's own run: a percentage or a speed-up with a
+# decimal point ("81.0 %", "2.0x"), a rate ("1.5 steps/s") or a fraction with three or more
+# decimals ("0.944"); papers' figures are recognised by a citation in the sentence
+_FIGURE = re.compile(r"(?<![\w.])(\d+\.\d+)\s?(%|x\b|×|steps/s|images/s|tokens/s)|(?<![\w.])(0\.\d{3,})(?![\d])")
+_CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b|arXiv|\[\d+\]")
+
+
+def _values(metrics) -> list[float]:
+    out = []
+    for v in metrics.values() if isinstance(metrics, dict) else metrics:
+        if isinstance(v, (dict, list)):
+            out += _values(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+    return out
+
+
+def unrecorded_numbers(notebook, record: dict | None) -> list[str]:
+    """Figures in the notebook's markdown (outside its measured cell) that its record does not hold.
+
+    A figure ``a.b %`` matches a recorded value ``v`` when ``100 v`` or ``v`` rounds to it; ``a.bx``
+    when ``v`` does. Sentences that cite a paper (``et al.``, a year) are skipped.
+
+    Example:
+        >>> nb = {"cells": [{"cell_type": "markdown", "source": "fine-tuned: 81.0 %"}]}
+        >>> unrecorded_numbers(nb, {"metrics": {"acc": 0.8096}}), unrecorded_numbers(nb, {"metrics": {}})
+        ([], ['81.0 %'])
+    """
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8")) if not isinstance(notebook, dict) else notebook
+    values = _values(record["metrics"]) if record else []
+    bad = []
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] != "markdown" or MEASURED.match(src):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+|\n", src):
+            if _CITATION.search(sentence):
+                continue
+            for m in _FIGURE.finditer(sentence):
+                text = m.group(1) or m.group(3)
+                shown, decimals = float(text), len(text.split(".")[1])
+                scale = (100, 1) if m.group(2) == "%" else (1,)
+                if not any(abs(round(v * s, decimals) - shown) < 1e-9 for v in values for s in scale):
+                    bad.append(m.group(0))
+    return bad

@@ -1,0 +1,63 @@
+"""The chapters' prose matches their records: generated "What we measured" cells, no stray figures."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ptcourse.tools.sync import MEASURED, measured_block, sync_notebooks, unrecorded_numbers
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+
+def _record(chapter):
+    path = ROOT / "results" / f"{chapter}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_has_its_generated_measured_cell(path):
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    names = [MEASURED.match("".join(c["source"])).group(1) for c in cells
+             if c["cell_type"] == "markdown" and MEASURED.match("".join(c["source"]))]
+    assert names == [path.stem], f"{path.name} needs one markdown cell starting <!-- measured:{path.stem} -->"
+
+
+def test_measured_cells_match_the_records():
+    stale = sync_notebooks(ROOT, ROOT / "results", check=True)
+    assert not stale, ("stale 'What we measured' cells in " + ", ".join(p.name for p in stale) +
+                       ": python -m ptcourse results --dir results --update-notebooks")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_prose_quotes_only_recorded_figures(path):
+    bad = unrecorded_numbers(path, _record(path.stem))
+    assert not bad, (f"{path.name} quotes figures that results/{path.stem}.json does not hold: {bad}. "
+                     "Print them from the run, or let the generated cell show them.")
+
+
+def test_a_planted_wrong_number_and_a_stale_table_are_caught(tmp_path):
+    """The mechanism can fail: a figure typed into the prose, and a record changed after the fact."""
+    chapter = "01_autoencoders"
+    record = _record(chapter) or {"chapter": chapter, "metrics": {"acc": 0.5}, "profile": "cpu",
+                                  "device": "cpu", "wall_time_s": 60.0, "recorded": "2026-01-01T00:00"}
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "Learning rate 3e-4, std 0.02."}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    assert unrecorded_numbers(nb, record) == []
+    nb["cells"].append({"cell_type": "markdown", "metadata": {}, "source": "Fine-tuning reaches 12.3 % here."})
+    assert "12.3 %" in unrecorded_numbers(nb, record)
+    # a paper's figure with its citation is allowed
+    nb["cells"][-1]["source"] = "Hinton et al. (2015) report 12.3 % here."
+    assert "12.3 %" not in unrecorded_numbers(nb, record)
+
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "results").mkdir()
+    nb["cells"].append({"cell_type": "markdown", "metadata": {}, "source": measured_block(chapter, record)})
+    (tmp_path / "chapters" / f"{chapter}.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "results" / f"{chapter}.json").write_text(json.dumps(record))
+    assert sync_notebooks(tmp_path, tmp_path / "results", check=True) == []
+    record["metrics"] = {**record["metrics"], "planted": 0.123}
+    (tmp_path / "results" / f"{chapter}.json").write_text(json.dumps(record))
+    assert [p.name for p in sync_notebooks(tmp_path, tmp_path / "results", check=True)] == [f"{chapter}.ipynb"]
+    sync_notebooks(tmp_path, tmp_path / "results")
+    assert sync_notebooks(tmp_path, tmp_path / "results", check=True) == []
