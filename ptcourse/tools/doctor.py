@@ -13,6 +13,7 @@ import torch
 from .. import data
 from ..runtime import profile
 from ..results import versions
+from .lab import hf_offline
 
 # lowest versions whose APIs the course uses
 MINIMUM = {"torch": "2.3", "torchvision": "0.18", "transformers": "4.48", "datasets": "3.0",
@@ -31,7 +32,7 @@ def _older(have: str, need: str) -> bool:
     return parts(have) < parts(need)
 
 
-def checks() -> dict:
+def facts() -> dict:
     """The facts and warnings that :func:`doctor` prints, as a dict."""
     P = profile()
     vers = versions(SHOWN)
@@ -39,7 +40,7 @@ def checks() -> dict:
             "profile": P.name, "device": str(P.device), "precision": P.precision,
             "cpu_threads": torch.get_num_threads(), "data_dir": str(data.data_dir()),
             "datasets": {name: data.cached(name) for name in data.DATASETS},
-            "hf_offline": os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"),
+            "hf_offline": hf_offline(),
             "hf_cache": os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub",
             "torch_home": os.environ.get("TORCH_HOME") or "~/.cache/torch"}
     warnings = []
@@ -83,7 +84,7 @@ def doctor() -> dict:
         >>> info["profile"]
         'cpu'
     """
-    info = checks()
+    info = facts()
     print(f"python        {info['python']}  ({info['platform']})")
     for name, v in info["versions"].items():
         print(f"{name:13s} {v or 'not installed'}")

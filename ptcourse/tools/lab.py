@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .. import data
+from ..results import fmt
 
 # what each profile's notebooks need
 DATASETS_FOR = {"smoke": ["mnist", "cifar10", "rotten_tomatoes"],
@@ -73,6 +74,11 @@ def _torchvision_weights(spec: str, offline: bool) -> tuple[str, str]:
         return "missing", f"download from {weights.url} failed: {type(err).__name__}: {str(err)[:150]}"
 
 
+def hf_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for offline mode (``1``, ``true``, ``yes``, ``on``, any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def download(names=None, profile_name: str = "cpu", offline: bool | None = None) -> list[tuple]:
     """Fill the caches for ``profile_name`` (or just ``names``); return ``(name, kind, status, where)`` rows.
 
@@ -80,7 +86,7 @@ def download(names=None, profile_name: str = "cpu", offline: bool | None = None)
     downloaded and the rows say exactly what is missing.
     """
     if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        offline = hf_offline()
     wanted = list(names) if names else (DATASETS_FOR[profile_name] + HF_MODELS_FOR[profile_name]
                                         + TORCHVISION_WEIGHTS)
     rows = []
@@ -184,15 +190,7 @@ def summary(rows, results_dir: Path) -> str:
     for r in rows:
         stem = Path(r["notebook"]).stem
         metrics = recorded.get(stem, {}) if r["notebook"].startswith("chapters/") else {}
-        brief = ", ".join(f"{k}={_short(v)}" for k, v in list(metrics.items())[:4])
+        brief = ", ".join(f"{k}={fmt(v, max_items=4)}" for k, v in list(metrics.items())[:4])
         status = r["status"] + (" (skip)" if r.get("skipped") else "")
         lines.append(f"{r['notebook']:42s} {status:8s} {r['wall_s']:7.0f}  {brief}")
     return "\n".join(lines)
-
-
-def _short(v):
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, list):
-        return "[" + ",".join(_short(x) for x in v[:4]) + (",…" if len(v) > 4 else "") + "]"
-    return str(v)
