@@ -16,6 +16,6 @@ The modules carry the chapters' names (``ptcourse.checks.bert_finetuning`` goes 
 
 Writing a new check takes one call to :func:`compare`.
 """
-from ._common import CheckResult, compare, difference
+from ._common import CheckResult, compare, difference, result
 
-__all__ = ["CheckResult", "compare", "difference"]
+__all__ = ["CheckResult", "compare", "difference", "result"]

@@ -35,6 +35,19 @@ class CheckResult:
         pass
 
 
+def result(name: str, ok: bool, msg: str, hint: str = "", quiet: bool = False) -> CheckResult:
+    """The one way a check reports: ``✅ name: msg`` or ``❌ name: msg`` plus a hint; printed unless quiet.
+
+    Example:
+        >>> bool(result("check_x", False, "the output has shape [2]", hint="sum over the last axis", quiet=True))
+        False
+    """
+    text = f"✅ {name}: {msg}" if ok else f"❌ {name}: {msg}" + (f"\n   Hint: {hint}" if hint else "")
+    if not quiet:
+        print(text)
+    return CheckResult(ok, text)
+
+
 def _describe(x) -> str:
     if torch.is_tensor(x):
         return f"tensor{list(x.shape)} {str(x.dtype).replace('torch.', '')}"
@@ -112,10 +125,7 @@ def compare(name, student_fn, reference_fn, cases, *, hint="", atol=1e-5, rtol=1
     floating-point tensor argument must match too.
     """
     def fail(msg):
-        text = f"❌ {name}: {msg}" + (f"\n   Hint: {hint}" if hint else "")
-        if not quiet:
-            print(text)
-        return CheckResult(False, text)
+        return result(name, False, msg, hint, quiet)
 
     for i, args in enumerate(cases):
         args = tuple(args)
@@ -143,8 +153,5 @@ def compare(name, student_fn, reference_fn, cases, *, hint="", atol=1e-5, rtol=1
                     problem = difference(a, b, atol * 10, rtol * 10, where=f"gradient w.r.t. argument {j}")
                     if problem:
                         return fail(f"{problem} on input {i + 1}")
-    text = f"✅ {name}: matches the reference on {len(cases)} random inputs" + \
-        (" (values and gradients)." if grad else ".")
-    if not quiet:
-        print(text)
-    return CheckResult(True, text)
+    return result(name, True, f"matches the reference on {len(cases)} random inputs" +
+                  (" (values and gradients)." if grad else "."), quiet=quiet)
