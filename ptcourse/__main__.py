@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     res.add_argument("--dir", default=None, help="results folder (default: PTCOURSE_RESULTS or ./results)")
     res.add_argument("--root", default=".", help="the course folder holding chapters/ (default: .)")
     res.add_argument("--markdown", action="store_true", help="print a Markdown table (for the README)")
-    res.add_argument("--update-readme", metavar="README", help="write the table into README's results section")
+    res.add_argument("--update-readme", metavar="FILE", nargs="+",
+                     help="regenerate the results/times tables in these files (README.md docs/instructors.md)")
     res.add_argument("--update-notebooks", action="store_true",
                      help="fill the chapters' 'What we measured' cells from the records")
     dl = sub.add_parser("download", help="fill the dataset and weight caches (idempotent; verifies)")
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
         if args.update_notebooks:
             stale = sync_notebooks(args.root, args.dir)
             print("chapters: " + ("updated " + ", ".join(p.name for p in stale) if stale else "already up to date"))
-        if args.update_readme:
-            same = sync_readme(args.update_readme, args.dir)
-            print(f"{args.update_readme}: " + ("already up to date" if same else "results table updated"))
+        for path in args.update_readme or []:
+            same = sync_readme(path, args.dir)
+            print(f"{path}: " + ("already up to date" if same else "tables updated"))
         if args.update_notebooks or args.update_readme:
             return 0
         print(results_table(args.dir, markdown=args.markdown))

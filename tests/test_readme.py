@@ -17,9 +17,10 @@ def test_every_chapter_is_linked_with_its_colab_badge():
         assert _meta.colab_url(rel) in README, f"README has no Colab link for {rel} (from ptcourse.tools.meta)"
 
 
-def test_results_table_matches_the_recorded_results():
-    assert sync_readme(ROOT / "README.md", ROOT / "results", check=True), \
-        "README results are stale: python -m ptcourse results --dir results --update-readme README.md"
+def test_results_tables_match_the_recorded_results():
+    for doc in ("README.md", "docs/instructors.md"):
+        assert sync_readme(ROOT / doc, ROOT / "results", check=True), \
+            f"{doc} tables are stale: python -m ptcourse results --dir results --update-readme README.md docs/instructors.md"
 
 
 def test_the_two_commands_and_ci_agree():

@@ -1,7 +1,7 @@
 """Results that reach prose only through generated tables, from ``results/*.json``.
 
-* the README's summary: ``python -m ptcourse results --dir results --update-readme README.md``
-  rewrites the table between the README's ``results`` markers;
+* the README's summary and the instructor guide's times: ``python -m ptcourse results --dir results
+  --update-readme README.md docs/instructors.md`` rewrites the tables between their markers;
 * each chapter's "What we measured" cell: a markdown cell that starts with
   ``<!-- measured:NN_name -->`` is filled from ``results/NN_name.json`` by
   ``python -m ptcourse results --dir results --update-notebooks``;
@@ -38,31 +38,56 @@ HEADLINE = {
 }
 
 
+def wall_time(record: dict) -> str:
+    """``"6.4 min (load 1.1 → 2.0)"``: the run's wall time with the load average it saw, when recorded."""
+    load = record.get("load_avg") or [None, None]
+    seen = f" (load {load[0]:.1f} → {load[1]:.1f})" if None not in load else ""
+    return f"{record['wall_time_s'] / 60:.1f} min{seen}"
+
+
 def summary_table(folder=None) -> str:
     """One Markdown row per chapter: profile, headline metrics, wall time (for the README)."""
     lines = ["| chapter | profile | headline results | wall time |", "|---|---|---|---|"]
     for r in load_results(folder):
         keys = [k for k in HEADLINE.get(r["chapter"], r["metrics"]) if k in r["metrics"]]
         cell = "<br>".join(f"`{k}` {fmt(r['metrics'][k])}" for k in keys)
-        lines.append(f"| {r['chapter']} | {r['profile']} | {cell} | {r['wall_time_s'] / 60:.0f} min |")
+        lines.append(f"| {r['chapter']} | {r['profile']} | {cell} | {wall_time(r)} |")
     return "\n".join(lines)
 
 
-def sync_readme(readme, folder=None, check: bool = False) -> bool:
-    """Put :func:`summary_table` between the README's ``results`` markers.
+def times_table(folder=None) -> str:
+    """One Markdown row per recorded chapter: profile, device, threads, wall time and load (for the guide)."""
+    lines = ["| chapter | profile | device, threads | wall time of the recorded run (load average) | recorded |",
+             "|---|---|---|---|---|"]
+    for r in load_results(folder):
+        lines.append(f"| {r['chapter']} | {r['profile']} | {r['device']}, {r.get('threads', '?')} | "
+                     f"{wall_time(r)} | {r['recorded'][:10]} |")
+    return "\n".join(lines)
 
-    Returns whether the README was already up to date; with ``check`` nothing is written.
+
+# marker name -> the generated table that goes between <!-- name:start --> and <!-- name:end -->
+TABLES = {"results": summary_table, "times": times_table}
+
+
+def sync_readme(path, folder=None, check: bool = False) -> bool:
+    """Regenerate every table of :data:`TABLES` whose markers ``path`` holds (README, instructor guide).
+
+    Returns whether the file was already up to date; with ``check`` nothing is written.
     """
-    readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} has no {start} ... {end} section")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{start}\n{summary_table(folder)}\n{end}{tail}"
+    path = Path(path)
+    text = new = path.read_text(encoding="utf-8")
+    found = False
+    for name, table in TABLES.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start in new and end in new:
+            found = True
+            head, rest = new.split(start, 1)
+            _, tail = rest.split(end, 1)
+            new = f"{head}{start}\n{table(folder)}\n{end}{tail}"
+    if not found:
+        raise ValueError(f"{path} has none of the generated sections " + ", ".join(f"<!-- {n}:start -->" for n in TABLES))
     if new != text and not check:
-        readme.write_text(new, encoding="utf-8")
+        path.write_text(new, encoding="utf-8")
     return new == text
 
 
