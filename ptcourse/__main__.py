@@ -1,4 +1,4 @@
-"""Command line: ``python -m ptcourse doctor | results | download | run | exercises``."""
+"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ def main(argv=None) -> int:
                                      description="Helpers for the pretraining & fine-tuning course.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, device, precision, profile, caches and warnings")
+    st = sub.add_parser("selftest", help="train a tiny model through every path this device offers (pass/fail table)")
+    st.add_argument("--no-ddp", action="store_true", help="skip the multi-process (DDP) check")
     res = sub.add_parser("results", help="print every recorded chapter result as a table")
     res.add_argument("--dir", default=None, help="results folder (default: PTCOURSE_RESULTS or ./results)")
     res.add_argument("--root", default=".", help="the course folder holding chapters/ (default: .)")
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
         from .tools.doctor import doctor
         doctor()
         return 0
+    if args.command == "selftest":
+        from .tools.selftest import selftest
+        return 0 if selftest(ddp=not args.no_ddp) else 1
     if args.command == "results":
         from .results import results_table
         from .tools.sync import sync_notebooks, sync_readme

@@ -351,11 +351,18 @@ def _fetch_torchvision(name):
 
 
 def _fetch_hf(name, source, splits):
+    """Each split of a Hugging Face hub dataset as (texts, labels); labels 0 = negative, 1 = positive."""
     import datasets
 
     out = {}
     for split in splits:
         ds = datasets.load_dataset(source, split=split)
         text_col = "sentence" if "sentence" in ds.column_names else "text"
-        out[split] = (list(ds[text_col]), np.asarray(ds["label"], dtype=np.int64))
+        labels = np.asarray(ds["label"], dtype=np.int64)
+        names = getattr(ds.features.get("label"), "names", None)
+        if names is not None and [str(n)[:3].lower() for n in names] != ["neg", "pos"]:
+            raise ValueError(f"{source}/{split}: label names {names}, expected negative, positive")
+        if len(labels) and (labels.min() < 0 or labels.max() > 1):
+            raise ValueError(f"{source}/{split}: labels outside 0..1 (an unlabelled split has -1)")
+        out[split] = (list(ds[text_col]), labels)
     return out, ["negative", "positive"]

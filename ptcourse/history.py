@@ -58,3 +58,23 @@ class History:
             lines.append("  ".join(f"{r.get(c, float('nan')):>10.4g}" if isinstance(r.get(c), float)
                                    else f"{str(r.get(c)):>10}" for c in cols))
         return "\n".join(lines)
+
+
+class LivePlot:
+    """Redraws a History's figure in place in Jupyter after each epoch (does nothing elsewhere)."""
+
+    def __init__(self):
+        self.handle = None
+
+    def update(self, history: History) -> None:
+        try:
+            from IPython.display import display
+        except ImportError:
+            return
+        import matplotlib.pyplot as plt
+        fig = history.plot()
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)

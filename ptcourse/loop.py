@@ -8,9 +8,10 @@ The heart of it is the loop you would write by hand::
         optimizer.step(); optimizer.zero_grad()
 
 plus what real training needs: the device, mixed precision on CUDA, gradient accumulation and
-clipping, a per-step LR schedule, validation metrics, a progress bar, atomic checkpoints that
-resume after a crash or a Colab disconnect, a clear stop on a NaN loss, and several processes
-(DDP) when started by ``torchrun`` / ``accelerate launch`` / ``notebook_launcher``.
+clipping, a per-step LR schedule, validation metrics, a progress bar, a clear stop on a NaN loss.
+What is not the loop lives beside it: several processes (DDP) in ``distributed.py``, checkpoints
+that resume exactly after a crash or a Colab disconnect in ``checkpoint.py``, the live plot in
+``history.py``.
 
 Example:
     >>> history = fit(model, train_loader, epochs=3, lr=1e-3, val_loader=val_loader,
@@ -21,19 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-from . import checkpoint as ckpt
-from .history import History
+from . import distributed
+from .checkpoint import Checkpointer
+from .history import History, LivePlot
 from .runtime import best_device, best_precision
 
 
@@ -58,7 +54,7 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == targets).float().mean()
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- batches
 def to_device(batch, device):
     """Move every tensor in a (nested) tuple / list / dict to ``device``."""
     if torch.is_tensor(batch):
@@ -70,47 +66,22 @@ def to_device(batch, device):
     return batch
 
 
-def _world(device=None):
-    """(rank, local_rank, world_size) from the launcher's environment, starting the process group.
-
-    The backend follows the device: NCCL for CUDA tensors, gloo for the CPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if on_cuda and local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if on_cuda else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
-    return 0, 0, 1
-
-
-def _resolve_device(device, local_rank, world):
-    if device is None:
-        device = best_device()
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
-def _autocast(device, precision):
-    """The autocast context and whether a gradient scaler is needed."""
-    if precision == "auto":
-        precision = best_precision(device)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'.")
-    if precision == "fp32":
-        return contextlib.nullcontext, False, precision
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16", precision
+def _targets(batch):
+    """The targets of a batch still on the CPU: ``labels`` of a dict, else the second item."""
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return batch.get("labels")
+    return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
 
 
 def _check_labels(logits, targets):
-    """A clear error for class labels the model cannot output (instead of a C++ assert)."""
+    """A clear error for class labels the model cannot output (instead of a C++ assert).
+
+    Reads only CPU targets: reading GPU ones would make every step wait for the GPU, so ``fit``
+    and ``evaluate`` pass the batch's targets from before it moved to the device.
+    """
     if (torch.is_tensor(logits) and logits.ndim == 2 and torch.is_tensor(targets)
-            and targets.ndim == 1 and not targets.is_floating_point() and len(targets)):
+            and targets.device.type == "cpu" and targets.ndim == 1
+            and not targets.is_floating_point() and len(targets)):
         lo, hi = (int(v) for v in torch.aminmax(targets))
         if lo < 0 or hi >= logits.shape[1]:
             raise ValueError(
@@ -119,61 +90,44 @@ def _check_labels(logits, targets):
                 "classes in the model's last layer and how the labels were encoded.")
 
 
-def forward(model, batch, loss_fn=None):
+def forward(model, batch, loss_fn=None, *, cpu_targets=None):
     """Run a batch through the model: returns ``(logits, targets, loss or None)``.
 
     A batch is either ``(inputs, targets)`` or a Hugging Face dict with ``labels``.
+    ``cpu_targets``: the targets before the batch moved to the device, for the label check.
     """
     if isinstance(batch, dict) or hasattr(batch, "keys"):
         targets = batch.get("labels")
         out = model(**batch)
         logits = getattr(out, "logits", out)
-        _check_labels(logits, targets)
+        _check_labels(logits, targets if cpu_targets is None else cpu_targets)
         if loss_fn is not None:
             return logits, targets, loss_fn(logits, targets)
         return logits, targets, getattr(out, "loss", None)
     x, targets = batch[0], batch[1]
     logits = model(x)
-    _check_labels(logits, targets)
-    loss = (loss_fn or F.cross_entropy)(logits, targets)
-    return logits, targets, loss
+    _check_labels(logits, targets if cpu_targets is None else cpu_targets)
+    return logits, targets, (loss_fn or F.cross_entropy)(logits, targets)
 
 
-def _distributed_loader(loader, rank, world, shuffle):
-    if loader.batch_size is None:
-        raise ValueError("fit() on several processes needs a DataLoader built with batch_size=; "
-                         "a custom batch_sampler has no distributed version here.")
-    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+def _batch_size(batch) -> int:
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        first = batch.get("labels") if batch.get("labels") is not None else next(iter(batch.values()))
+        return len(first)
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
 
 
-def _shard(loader, rank, world):
-    """Every ``world``-th example for this rank: an exact split, no padding duplicates."""
-    if world == 1:
-        return loader
-    part = Subset(loader.dataset, range(rank, len(loader.dataset), world))
-    return DataLoader(part, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-
-
-def _rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def _autocast(device, precision):
+    """The autocast context, a GradScaler (fp16) or None, and the precision chosen."""
+    if precision == "auto":
+        precision = best_precision(device)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'fp16'.")
+    if precision == "fp32":
+        return contextlib.nullcontext, None, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, precision
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -189,31 +143,37 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=
         >>> evaluate(model, test_loader, {"acc": accuracy})
         {'loss': 0.31, 'acc': 0.91}
     """
-    rank, local_rank, world = _world(device)
-    device = _resolve_device(device, local_rank, world)
+    rank, local_rank, world = distributed.setup(device)
+    device = distributed.resolve_device(device, local_rank, world)
     autocast, _, _ = _autocast(device, precision)
     metrics = _as_metric_dict(metrics)
-    was_training = model.training
+    was_training, has_loss = model.training, True
     model.eval()
-    sums = torch.zeros(len(metrics) + 2, dtype=torch.float64)  # [n, loss, *metrics]
-    for batch in _shard(loader, rank, world):
+    # sums stay on the device: no wait for the GPU per batch, and NCCL can reduce them
+    sums = torch.zeros(len(metrics) + 2, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                       device=device)  # [n, loss * n, metric * n, ...]
+    for batch in distributed.shard_eval(loader, rank, world):
+        cpu_targets = _targets(batch)
         batch = to_device(batch, device)
         with autocast():
             if step_fn is None:
-                logits, targets, loss = forward(model, batch, loss_fn)
+                logits, targets, loss = forward(model, batch, loss_fn, cpu_targets=cpu_targets)
             else:
                 loss = step_fn(model, batch)
-                logits, targets, _ = forward(model, batch, _no_loss) if metrics else (None, None, None)
+                if metrics:
+                    logits, targets, _ = forward(model, batch, _no_loss, cpu_targets=cpu_targets)
         n = _batch_size(batch)
         sums[0] += n
-        sums[1] += float(loss) * n if loss is not None else math.nan
+        has_loss = has_loss and loss is not None
+        if has_loss:
+            sums[1] += loss.detach().to(sums.dtype) * n
         for j, fn in enumerate(metrics.values()):
-            sums[2 + j] += float(fn(logits.float(), targets)) * n
-    if world > 1:
-        dist.all_reduce(sums)
+            sums[2 + j] += torch.as_tensor(fn(logits.float(), targets), dtype=sums.dtype, device=device) * n
+    total = distributed.all_sum(sums, world).tolist()
     model.train(was_training)
-    result = {} if math.isnan(sums[1]) else {"loss": float(sums[1] / sums[0])}
-    result.update({name: float(sums[2 + j] / sums[0]) for j, name in enumerate(metrics)})
+    n = total[0] or math.nan  # (an empty loader gives NaN, not an error)
+    result = {"loss": total[1] / n} if has_loss else {}
+    result.update({name: total[2 + j] / n for j, name in enumerate(metrics)})
     return result
 
 
@@ -232,7 +192,7 @@ def predict(model, loader, *, device=None, precision="auto"):
     all_logits, all_targets = [], []
     for batch in loader:
         with autocast():
-            logits, targets, _ = forward(model, to_device(batch, device))
+            logits, targets, _ = forward(model, to_device(batch, device), cpu_targets=_targets(batch))
         all_logits.append(logits.float().cpu())
         if targets is not None:
             all_targets.append(targets.cpu())
@@ -242,13 +202,6 @@ def predict(model, loader, *, device=None, precision="auto"):
 
 def _no_loss(logits, targets):
     return None
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        first = batch.get("labels") if batch.get("labels") is not None else next(iter(batch.values()))
-        return len(first)
-    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
 
 
 def _as_metric_dict(metrics):
@@ -262,138 +215,174 @@ def _as_metric_dict(metrics):
 # ----------------------------------------------------------------------------- fit
 def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=None, lr=1e-3,
         scheduler=None, val_loader=None, metrics=None, grad_accum=1, max_grad_norm=None,
-        precision="auto", checkpoint_dir=None, progress=True, device=None, live_plot=False) -> History:
+        precision="auto", checkpoint_dir=None, save_every="10min", progress=True, device=None,
+        live_plot=False) -> History:
     """Train ``model`` and return its :class:`History`.
 
-    Args:
-        epochs: passes over ``train_loader``.
-        loss_fn: ``loss_fn(logits, targets)`` for ``(inputs, targets)`` batches
-            (default cross-entropy; Hugging Face dict batches use the model's own loss).
-        step_fn: ``step_fn(model, batch) -> loss`` for anything else (SimCLR view pairs,
-            a teacher in distillation, ...). The batch arrives on the device already.
-        optimizer: default ``AdamW(lr=lr)`` over the parameters that require gradients.
-        scheduler: an LR scheduler stepped after every optimizer step, or a function
-            ``optimizer -> scheduler``.
-        val_loader, metrics: evaluated after every epoch; ``metrics`` maps names to
-            ``fn(logits, targets)`` (e.g. ``{"acc": accuracy}``).
-        grad_accum: micro-batches per optimizer step (batch ``b`` behaves like ``k*b``).
-        max_grad_norm: clip the gradient norm to this value.
-        precision: ``auto`` (bf16/fp16 on CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``.
-        checkpoint_dir: save ``last.pt`` there atomically after every epoch; a later call with
-            the same folder resumes from it (after a crash or a Colab disconnect).
-        progress: show a tqdm progress bar. live_plot: redraw the History plot each epoch.
+    ``loss_fn(logits, targets)`` serves ``(inputs, targets)`` batches (default cross-entropy; a
+    Hugging Face dict batch uses the model's own loss); ``step_fn(model, batch) -> loss`` serves
+    anything else (SimCLR view pairs, a teacher, ...). ``optimizer``: default ``AdamW(lr=lr)``.
+    ``scheduler``: stepped after every optimizer step (or ``optimizer -> scheduler``). ``val_loader``
+    and ``metrics`` (``{"acc": accuracy}``): evaluated after every epoch. ``grad_accum``: micro-batches
+    per step. ``max_grad_norm``: clip to it. ``precision``: ``auto`` (bf16/fp16 on CUDA), ``fp32``,
+    ``bf16``, ``fp16``. ``checkpoint_dir``: ``last.pt`` there, saved at each epoch's end and every
+    ``save_every`` (optimizer steps such as ``500``, or ``"10min"``; None: epoch ends only); a later
+    call with the same folder resumes exactly where it stopped. ``live_plot``: redraw each epoch.
 
     Example:
         >>> history = fit(model, loader, epochs=2, val_loader=val, metrics={"acc": accuracy})
     """
+    _check_arguments(loss_fn, step_fn, grad_accum)
+    rank, local_rank, world = distributed.setup(device)
+    device = distributed.resolve_device(device, local_rank, world)
+    autocast, scaler, precision = _autocast(device, precision)
+    raw_model = model.to(device)
+    model = distributed.wrap(raw_model, device, world)
+    train_loader = distributed.shard_train(train_loader, rank, world)
+    optimizer, scheduler = _optimizer_and_scheduler(raw_model, optimizer, lr, scheduler)
+    ck = Checkpointer(checkpoint_dir, save_every, raw_model, optimizer, scheduler, scaler, train_loader, rank, world)
+    start, history = ck.resume(epochs)
+    n_batches, steps = len(train_loader), 0
+    bar = _progress_bar(progress and rank == 0, start, epochs, n_batches)
+    live = LivePlot() if live_plot and rank == 0 else None
+    optimizer.zero_grad(set_to_none=True)  # a .backward() in an earlier cell must not leak into step 1
+    for epoch in range(start, epochs):
+        distributed.set_epoch(train_loader, epoch)
+        model.train()
+        batches, partial = ck.batches(epoch)
+        t0, log = time.perf_counter(), _LossLog(history.steps, partial, bar)
+        for i, batch in batches:
+            last = (i + 1) % grad_accum == 0 or i + 1 == n_batches
+            window = min(grad_accum, n_batches - i // grad_accum * grad_accum)  # the last may be partial
+            cpu_targets, batch = _targets(batch), to_device(batch, device)
+            with distributed.no_sync(model, skip=not last), _explain_oom(device, train_loader, grad_accum, precision):
+                with autocast():
+                    loss = (step_fn(model, batch) if step_fn else
+                            forward(model, batch, loss_fn, cpu_targets=cpu_targets)[2])
+                _require_loss(loss)
+                (scaler.scale(loss / window) if scaler else loss / window).backward()
+            if last:
+                steps += 1
+                _optimizer_step(optimizer, scheduler, scaler, raw_model, max_grad_norm)
+            log.add(loss, _batch_size(batch))
+            if (last and (len(log.pending) >= 10 or ck.due(steps))) or i + 1 == n_batches:
+                save = log.flush(epoch, optimizer, device, world, ck.due_by_time()) or ck.due(steps)
+                if save and i + 1 < n_batches:
+                    ck.save(epoch, i + 1, history, log.partial())
+        row = {"epoch": epoch + 1, "train_loss": log.mean(device, world), "lr": optimizer.param_groups[0]["lr"]}
+        if val_loader is not None:
+            val = evaluate(raw_model, val_loader, metrics, loss_fn=loss_fn, step_fn=step_fn, device=device,
+                           precision=precision)
+            row.update({f"val_{k}": v for k, v in val.items()})
+        history.steps += log.losses
+        history.log({**row, "time_s": time.perf_counter() - t0})
+        ck.save(epoch + 1, 0, history)
+        _show(bar, live, history, epoch, epochs)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+# ----------------------------------------------------------------------------- fit's helpers
+def _check_arguments(loss_fn, step_fn, grad_accum):
     if (loss_fn is not None) and (step_fn is not None):
         raise ValueError("give loss_fn= or step_fn=, not both.")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, not {grad_accum}.")
-    rank, local_rank, world = _world(device)
-    main = rank == 0
-    device = _resolve_device(device, local_rank, world)
-    autocast, needs_scaler, precision = _autocast(device, precision)
-    model.to(device)
-    raw_model = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        train_loader = _distributed_loader(train_loader, rank, world,
-                                           isinstance(train_loader.sampler, RandomSampler))
+
+
+def _optimizer_and_scheduler(model, optimizer, lr, scheduler):
+    """Default ``AdamW(lr=lr)`` over the trainable parameters; ``scheduler`` may be ``optimizer -> scheduler``."""
     if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=lr)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if scheduler is not None and not hasattr(scheduler, "step"):
         scheduler = scheduler(optimizer)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    return optimizer, scheduler
 
-    history, start = History(), 0
-    path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if path is not None and path.exists():
-        start, history = _resume(path, raw_model, optimizer, scheduler, scaler, device, main)
-        if start >= epochs and main:
-            print(f"Already trained for {start} epochs (checkpoint {path}); "
-                  "delete that folder, or ask for more epochs, to train again.")
 
-    n_batches = len(train_loader)
-    bar = None
-    if progress and main and start < epochs:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=(epochs - start) * n_batches, desc=f"epoch {start + 1}/{epochs}", unit="batch")
-    live = _LivePlot() if (live_plot and main) else None
+def _require_loss(loss):
+    if loss is None:
+        raise ValueError("the model returned no loss: pass loss_fn= or step_fn=, "
+                         "or put 'labels' in the batch of a Hugging Face model.")
 
-    for epoch in range(start, epochs):
-        if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        t0, pending, epoch_losses = time.perf_counter(), [], []
-        for i, batch in enumerate(train_loader):
-            group = min(grad_accum, n_batches - (i // grad_accum) * grad_accum)
-            last_micro = (i + 1) % grad_accum == 0 or i + 1 == n_batches
-            sync = contextlib.nullcontext() if (world == 1 or last_micro) else model.no_sync()
-            batch = to_device(batch, device)
-            with sync, _explain_oom(device, train_loader, grad_accum, precision):
-                with autocast():
-                    loss = step_fn(model, batch) if step_fn else forward(model, batch, loss_fn)[2]
-                if loss is None:
-                    raise ValueError("the model returned no loss: pass loss_fn= or step_fn=, "
-                                     "or put 'labels' in the batch of a Hugging Face model.")
-                scaled = loss if group == 1 else loss / group
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            if last_micro:
-                if max_grad_norm is not None:
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if scheduler is not None:
-                    scheduler.step()
-            pending.append(loss.detach().float())
-            # check for NaN every few steps (each check waits for the GPU) and at the epoch's end
-            if len(pending) == 10 or i + 1 == n_batches:
-                values = torch.stack(pending).cpu().tolist()
-                _check_finite(values, epoch, i + 1 - len(values), lambda: history.steps + epoch_losses,
-                              optimizer)
-                epoch_losses += values
-                pending = []
-                if bar is not None:
-                    bar.update(len(values))
-                    bar.set_postfix(loss=f"{np.mean(epoch_losses[-50:]):.4f}")
-        history.steps += epoch_losses
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(epoch_losses)),
-               "lr": optimizer.param_groups[0]["lr"]}
-        if val_loader is not None:
-            val = evaluate(raw_model, val_loader, metrics, loss_fn=loss_fn, step_fn=step_fn,
-                           device=device, precision=precision)
-            row.update({f"val_{k}": v for k, v in val.items()})
-        if world > 1:  # the mean train loss over all processes
-            t = torch.tensor([row["train_loss"]], dtype=torch.float64)
-            dist.all_reduce(t)
-            row["train_loss"] = float(t / world)
-        row["time_s"] = time.perf_counter() - t0
-        history.log(row)
-        if bar is not None:
-            bar.set_description(f"epoch {min(epoch + 2, epochs)}/{epochs}")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith(("train", "val"))})
-        if path is not None:
-            if main:
-                ckpt.save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                  "scaler": scaler.state_dict() if scaler else None,
-                                  "epoch": epoch + 1, "history": history.to_dict(),
-                                  "rng": _rng_state()}, path)
-            if world > 1:
-                dist.barrier()
-        if live is not None:
-            live.update(history)
-    if bar is not None:
-        bar.close()
-    return history
+
+def _optimizer_step(optimizer, scheduler, scaler, model, max_grad_norm):
+    """Unscale and clip, step, zero the gradients; step the scheduler only when the optimizer
+    really stepped (a GradScaler skips the steps whose gradients overflowed)."""
+    if max_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    stepped = True
+    if scaler is None:
+        optimizer.step()
+    else:
+        scale = scaler.get_scale()  # (reads the GPU; scaler.step does so anyway)
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale  # the scale shrinks exactly when the step was skipped
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None and stepped:
+        scheduler.step()
+
+
+class _LossLog:
+    """An epoch's step losses, read from the device in groups (each read waits for the GPU), checked
+    for NaN/inf by all processes together, and their sample-weighted mean."""
+
+    def __init__(self, previous, partial=None, bar=None):
+        partial = partial or {}
+        self.losses = list(partial.get("losses", []))
+        self.weighted, self.n = partial.get("weighted", 0.0), partial.get("n", 0)
+        self.previous, self.bar, self.pending, self.sizes = previous, bar, [], []
+
+    def add(self, loss, n):
+        self.pending.append(loss.detach().float())
+        self.sizes.append(n)
+
+    def flush(self, epoch, optimizer, device, world, want_save=False) -> bool:
+        """Read the pending losses; stop every process if any saw a NaN/inf. Returns whether any
+        process asked to save (so that all save together)."""
+        losses = torch.stack(self.pending)
+        flags = torch.stack([(~torch.isfinite(losses)).any().float(), torch.tensor(float(want_save), device=device)])
+        bad, save, *values = torch.cat([distributed.any_true(flags, world), losses]).tolist()  # one read
+        if bad:
+            raise _non_finite(values, len(self.losses), epoch, self.previous + self.losses, optimizer)
+        self.losses += values
+        self.weighted += sum(v * n for v, n in zip(values, self.sizes))
+        self.n += sum(self.sizes)
+        self.pending, self.sizes = [], []
+        if self.bar is not None:
+            self.bar.update(len(values))
+            self.bar.set_postfix(loss=f"{sum(self.losses[-50:]) / len(self.losses[-50:]):.4f}")
+        return save
+
+    def partial(self) -> dict:
+        return {"losses": list(self.losses), "weighted": self.weighted, "n": self.n}
+
+    def mean(self, device, world) -> float:
+        """The epoch's training loss, weighted by batch size like the validation loss."""
+        if world == 1:
+            return self.weighted / self.n if self.n else math.nan
+        t = distributed.all_sum(torch.tensor([self.weighted, self.n], dtype=torch.float64, device=device), world)
+        return float(t[0] / t[1])
+
+
+def _non_finite(values, first, epoch, previous, optimizer) -> NonFiniteLossError:
+    bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
+    if not bad:
+        return NonFiniteLossError(f"The loss became NaN or infinite in another process at epoch {epoch + 1}; "
+                                  "all processes stopped. Its message says where and what to try.")
+    j = bad[0]
+    finite = [p for p in previous + values[:j] if math.isfinite(p)]
+    last = f"{finite[-1]:.4g}" if finite else "none yet"
+    return NonFiniteLossError(
+        f"The loss became {values[j]} at epoch {epoch + 1}, step {first + j + 1} of that epoch "
+        f"(last finite loss: {last}). Training stopped; the last checkpoint, if any, is intact.\n"
+        f"Things to try: a lower learning rate (now {optimizer.param_groups[0]['lr']:.3g}), "
+        "gradient clipping (max_grad_norm=1.0), checking the inputs for NaN/inf, "
+        "precision='bf16' or 'fp32' instead of fp16, and a loss computed from logits "
+        "(F.cross_entropy) rather than log(softmax(...)).")
 
 
 @contextlib.contextmanager
@@ -410,53 +399,16 @@ def _explain_oom(device, loader, grad_accum, precision):
             "held by earlier cells (torch.cuda.empty_cache() does not free tensors still referenced).") from err
 
 
-def _check_finite(values, epoch, first_step, previous, optimizer):
-    for j, v in enumerate(values):
-        if not math.isfinite(v):
-            finite = [p for p in previous() + values[:j] if math.isfinite(p)]
-            last = f"{finite[-1]:.4g}" if finite else "none yet"
-            raise NonFiniteLossError(
-                f"The loss became {v} at epoch {epoch + 1}, step {first_step + j + 1} of that epoch "
-                f"(last finite loss: {last}). Training stopped; the last checkpoint, if any, is intact.\n"
-                f"Things to try: a lower learning rate (now {optimizer.param_groups[0]['lr']:.3g}), "
-                "gradient clipping (max_grad_norm=1.0), checking the inputs for NaN/inf, "
-                "precision='bf16' or 'fp32' instead of fp16, and a loss computed from logits "
-                "(F.cross_entropy) rather than log(softmax(...)).")
+def _progress_bar(show, start, epochs, n_batches):
+    if not show or start >= epochs:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=(epochs - start) * n_batches, desc=f"epoch {start + 1}/{epochs}", unit="batch")
 
 
-def _resume(path, model, optimizer, scheduler, scaler, device, main):
-    state = ckpt.load(path, map_location=device)
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise RuntimeError(f"The checkpoint {path} does not fit this model/optimizer ({err}). "
-                           "Use a new checkpoint_dir, or delete this one to start afresh.") from err
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    if main:
-        print(f"Resumed from {path} after epoch {state['epoch']}.")
-    return state["epoch"], History.from_dict(state["history"])
-
-
-class _LivePlot:
-    """Redraws the History figure in place in Jupyter (does nothing elsewhere)."""
-
-    def __init__(self):
-        self.handle = None
-
-    def update(self, history):
-        try:
-            from IPython.display import display
-        except ImportError:
-            return
-        import matplotlib.pyplot as plt
-        fig = history.plot()
-        if self.handle is None:
-            self.handle = display(fig, display_id=True)
-        else:
-            self.handle.update(fig)
-        plt.close(fig)
+def _show(bar, live, history, epoch, epochs):
+    if bar is not None:
+        bar.set_description(f"epoch {min(epoch + 2, epochs)}/{epochs}")
+        bar.set_postfix({k: f"{v:.4g}" for k, v in history.last.items() if k.startswith(("train", "val"))})
+    if live is not None:
+        live.update(history)

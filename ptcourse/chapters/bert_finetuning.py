@@ -76,6 +76,13 @@ class LengthGroupedBatchSampler(Sampler):
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)  # ceil
 
+    def state_dict(self) -> dict:
+        """The epoch counter, which decides the next epoch's order (saved in ``fit``'s checkpoints)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
@@ -151,3 +158,43 @@ class MLMCollate:
         batch["input_ids"], batch["labels"] = mask_tokens(batch["input_ids"], special, self.mask_id,
                                                           self.vocab_size, self.prob)
         return batch
+
+
+TFIDF_CS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+
+
+def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts=None, test_labels=None,
+                   Cs=TFIDF_CS) -> dict:
+    """The classical baseline: TF-IDF of words and word pairs + logistic regression (scikit-learn).
+
+    Fits one model per inverse regularisation strength ``C`` on the training sentences, keeps the
+    ``C`` with the best **validation** accuracy and scores that one model on the test sentences
+    (when given). Returns ``{"C", "val_acc", "test_acc", "val_pred", "test_pred"}`` (test entries
+    ``None`` without a test set).
+
+    Example:
+        >>> r = tfidf_baseline(train.texts, train.labels, val.texts, val.labels, test.texts, test.labels)
+        >>> sorted(r)                 # C was chosen on validation; test_acc is that one model on test
+        ['C', 'test_acc', 'test_pred', 'val_acc', 'val_pred']
+    """
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(train_labels)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x = vectorizer.fit_transform(list(train_texts))
+    xv, yv = vectorizer.transform(list(val_texts)), np.asarray(val_labels)
+    best = None
+    for C in Cs:
+        clf = LogisticRegression(C=C, max_iter=2000).fit(x, y)
+        pred = clf.predict(xv)
+        acc = float((pred == yv).mean())
+        if best is None or acc > best[1]:
+            best = (C, acc, clf, pred)
+    C, val_acc, clf, val_pred = best
+    out = {"C": C, "val_acc": val_acc, "val_pred": val_pred, "test_acc": None, "test_pred": None}
+    if test_texts is not None:
+        out["test_pred"] = clf.predict(vectorizer.transform(list(test_texts)))
+        out["test_acc"] = float((out["test_pred"] == np.asarray(test_labels)).mean())
+    return out

@@ -1,0 +1,122 @@
+"""Several processes (DDP): what ``fit`` and ``evaluate`` do when a launcher started them.
+
+``torchrun``, ``accelerate launch`` and Accelerate's ``notebook_launcher`` set ``WORLD_SIZE``,
+``RANK`` and ``LOCAL_RANK``; :func:`setup` joins the process group (NCCL for CUDA, gloo for the
+CPU). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
+evaluates an exact share of the validation set (:func:`shard_eval`), and sums numbers across
+processes (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces
+only CUDA tensors.
+
+Example:
+    >>> rank, local_rank, world = setup()
+    >>> device = resolve_device(None, local_rank, world)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+from .runtime import best_device
+
+
+def setup(device=None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment, joining the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if on_cuda and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
+    return 0, 0, 1
+
+
+def resolve_device(device, local_rank=0, world=1) -> torch.device:
+    """``device`` if given, else the best one (GPU ``local_rank`` when there are several processes)."""
+    if device is None:
+        device = best_device()
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def wrap(model, device, world):
+    """The model itself in one process, a DistributedDataParallel copy in several."""
+    if world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def no_sync(model, skip: bool):
+    """Skip DDP's gradient all-reduce on the micro-batches inside an accumulation window."""
+    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def _loader_options(loader) -> dict:
+    keep = ("num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+            "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers", "pin_memory_device")
+    return {a: getattr(loader, a) for a in keep if hasattr(loader, a)}
+
+
+def shard_train(loader, rank, world):
+    """This process's share of a training loader (a DistributedSampler), keeping every other option
+    (generator, worker_init_fn, persistent workers, ...). Shuffled if the original was."""
+    if world == 1:
+        return loader
+    if loader.batch_size is None:
+        raise ValueError("fit() on several processes needs a DataLoader built with batch_size=; "
+                         "a custom batch_sampler has no distributed version here.")
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    seed = loader.generator.initial_seed() % 2**31 if loader.generator is not None else 0  # same on all ranks
+    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **_loader_options(loader))
+
+
+def shard_eval(loader, rank, world):
+    """Every ``world``-th example for this rank: an exact split, no padding duplicates."""
+    if world == 1:
+        return loader
+    options = {k: v for k, v in _loader_options(loader).items() if k != "drop_last"}
+    return DataLoader(Subset(loader.dataset, range(rank, len(loader.dataset), world)),
+                      batch_size=loader.batch_size or 1, **options)
+
+
+def set_epoch(loader, epoch) -> None:
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def all_sum(t: torch.Tensor, world) -> torch.Tensor:
+    """Sum ``t`` over all processes, in place. ``t`` must be on the training device (NCCL needs CUDA)."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def any_true(flags: torch.Tensor, world) -> torch.Tensor:
+    """Flags (0/1, on the training device) set to 1 where any process has 1, so that all processes
+    stop, or save, together."""
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def gather(obj, world) -> list:
+    """Every process's ``obj`` (a list in rank order; ``[obj]`` in one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world) -> None:
+    if world > 1:
+        dist.barrier()
