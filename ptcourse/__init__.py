@@ -23,14 +23,20 @@ Submodules load on first use, so ``import ptcourse`` costs little more than ``im
 from __future__ import annotations
 
 import importlib
+import os
+import time
 
 __version__ = "0.2.0"
+# when the course started in this process (a notebook: its first cell) and the machine's load then;
+# ptcourse.report records the wall time and load average from here
+STARTED = time.time()
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 # public name -> module that defines it
 _API = {
     "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
     "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop",
-    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop",
+    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }
 _MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes",

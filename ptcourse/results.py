@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import LOAD_AT_START, STARTED
 from .checkpoint import atomic_write
 from .runtime import profile
 
-_START = time.time()
-_LOAD_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 KEY_PACKAGES = ("torch", "torchvision", "transformers", "datasets", "accelerate", "numpy", "scikit-learn")
 
 
@@ -63,13 +62,13 @@ def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
     """
     P = profile()
     record = {"chapter": chapter, "metrics": _plain(metrics), "profile": P.name, "device": str(P.device),
-              "precision": P.precision, "wall_time_s": round(time.time() - _START, 1),
+              "precision": P.precision, "wall_time_s": round(time.time() - STARTED, 1),
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "versions": versions(),
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               # the 1-minute load average when ptcourse was imported and now: a wall time measured
               # while other programs ran (load above cpu_count) is not the chapter's own time
-              "load_avg": [_LOAD_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
+              "load_avg": [LOAD_AT_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
     path = results_dir() / f"{chapter}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode("utf-8")))
