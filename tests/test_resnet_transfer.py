@@ -286,3 +286,47 @@ def test_checks_let_unfinished_stubs_through():
         with pytest.raises(NotImplementedError):
             check(stub, quiet=True)
     assert copy.deepcopy(checks.two_squares()[2]).shape == (1, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- the open-ended experiment
+@pytest.mark.slow
+def test_transfer_lab_and_check_experiment():
+    lab = checks.TransferLab(per_class=10, n_source=1_000, source_epochs=1, n_val=300, n_test=500)
+    net = lab.pretrained()
+    assert [n for n, _ in net.named_children()][:4] == ["conv1", "bn1", "relu", "layer1"]
+    assert torch.equal(net.layer1[0][0].weight, lab.pretrained().layer1[0][0].weight)   # the pretrained body
+    assert not torch.equal(net.layer1[0][0].weight, lab.scratch().layer1[0][0].weight)
+    assert set(lab.y_train.tolist()) == set(range(5)) and len(lab.y_train) == 50
+
+    def tune(model, lr, decay, steps=40):
+        opt = torch.optim.SGD(T.discriminative_groups(model, lr, decay), lr=lr, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(steps):
+            i = torch.randint(0, len(lab.y_train), (32,), generator=g)
+            loss = F.cross_entropy(model(lab.x_train[i]), lab.y_train[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    scratch = tune(lab.scratch(), 0.05, 1.0)
+    trials = [{"model": scratch, "scratch": True, "schedule": "scratch", "val_acc": lab.val_accuracy(scratch)}]
+    for decay in (1.0, 0.3, 0.1):
+        m = tune(lab.pretrained(), 0.05, decay)
+        trials.append({"model": m, "schedule": f"decay {decay}", "val_acc": lab.val_accuracy(m)})
+    tuned = [1, 2, 3]
+    best = max(tuned, key=lambda i: trials[i]["val_acc"])
+    worst = min(tuned, key=lambda i: trials[i]["val_acc"])
+    result = checks.check_experiment(lab, trials, best, quiet=True)
+    assert ("scratch" in result.message) and ("ranks" in result.message)
+    if trials[worst]["val_acc"] < trials[best]["val_acc"]:
+        assert not checks.check_experiment(lab, trials, worst, quiet=True)
+    forged = [dict(t) for t in trials]
+    forged[best]["val_acc"] = 1.0
+    assert not checks.check_experiment(lab, forged, best, quiet=True)
+    assert not checks.check_experiment(lab, trials[:3], best if best < 3 else 1, quiet=True)   # two schedules only
+    assert not checks.check_experiment(lab, trials[1:], best - 1, quiet=True)                  # no scratch baseline
+    # a "fine-tuned" model that is the scratch model itself cannot beat scratch
+    copies = [trials[0]] + [{"model": scratch, "schedule": f"fake {k}", "val_acc": trials[0]["val_acc"]} for k in range(3)]
+    assert not checks.check_experiment(lab, copies, 1, quiet=True)

@@ -4,18 +4,21 @@ Example:
     >>> check_softmax_t(my_softmax_t)
     >>> check_distillation_loss(my_distillation_loss)
     >>> check_latency(my_latency_ms)
+    >>> lab = DistillLab(per_class=10)                       # the open-ended experiment
+    >>> check_experiment(lab, trials, chosen)
 """
 from __future__ import annotations
 
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._common import CheckResult, compare
 
-__all__ = ["check_softmax_t", "check_distillation_loss", "check_latency"]
+__all__ = ["check_softmax_t", "check_distillation_loss", "check_latency", "DistillLab", "check_experiment"]
 
 
 def _ref_softmax_t(logits, temperature):
@@ -178,3 +181,161 @@ def check_latency(student_fn, quiet=False) -> CheckResult:
     if not quiet:
         print(text)
     return CheckResult(True, text)
+
+
+# --------------------------------------------------------------------------- the open-ended experiment
+def _fingerprint(model) -> tuple:
+    return tuple(round(float(p.detach().double().sum()), 6) for p in model.parameters())
+
+
+class DistillLab:
+    """The data of the open-ended experiment (MNIST): a trained teacher, a student's few labels,
+    unlabelled transfer images, a validation split, and a sealed test split.
+
+    * ``x_labelled, y_labelled``: ``per_class`` labelled images per digit (the student's labels);
+    * ``x_transfer``: ``n_transfer`` other images, without labels;
+    * ``teacher``: an MLP (784-512-10) trained here on ``teacher_images`` further labelled images,
+      and its logits ``z_labelled`` / ``z_transfer`` for the two sets above (computed once);
+    * ``val_accuracy(student)``: accuracy on ``n_val`` validation images (what you select on).
+
+    The test split is not handed out: only :func:`check_experiment` opens it, for the setting
+    you chose on validation and for the scratch baseline. All sets are disjoint.
+
+    Example:
+        >>> lab = DistillLab(per_class=10, n_transfer=5_000)
+        >>> lab.val_accuracy(student)
+    """
+
+    def __init__(self, per_class: int = 10, n_transfer: int = 5_000, n_val: int = 1_000, n_test: int = 2_000,
+                 teacher_images: int = 3_000, teacher_epochs: int = 5, seed: int = 0):
+        from ..data import balanced_indices, load
+        from ..runtime import profile
+        data = load("mnist", "train")
+        x, y = data.tensors()
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+        t_idx = order[:teacher_images]
+        u_idx = order[teacher_images:teacher_images + n_transfer]
+        v_idx = order[teacher_images + n_transfer:teacher_images + n_transfer + n_val]
+        rest = order[teacher_images + n_transfer + n_val:]
+        l_idx = rest[torch.as_tensor(balanced_indices(y[rest].numpy(), per_class, seed=seed))]
+        self.per_class, self.n_test, self._seed = per_class, n_test, seed
+        self.x_labelled, self.y_labelled = x[l_idx], y[l_idx]
+        self.x_transfer = x[u_idx]
+        self.x_val, self.y_val = x[v_idx], y[v_idx]
+        self.teacher = self._train_teacher(x[t_idx], y[t_idx], teacher_epochs, seed)
+        with torch.no_grad():
+            self.z_labelled = self.teacher(self.x_labelled)
+            self.z_transfer = self.teacher(self.x_transfer)
+        self.teacher_val_acc = self.val_accuracy(self.teacher)
+        self._tested = {}
+        self.profile = profile().name
+
+    @staticmethod
+    def _train_teacher(x, y, epochs, seed):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(),
+                                  torch.nn.Linear(512, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=g)
+            for k in range(0, len(y), 64):
+                i = perm[k:k + 64]
+                loss = F.cross_entropy(net(x[i]), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return net.eval()
+
+    @staticmethod
+    def _accuracy(model, x, y) -> float:
+        was = model.training
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            pred = torch.cat([model(x[k:k + 1000].to(device)).argmax(1).cpu() for k in range(0, len(y), 1000)])
+        model.train(was)
+        return float((pred == y).float().mean())
+
+    def val_accuracy(self, student) -> float:
+        """Accuracy of ``student`` on the validation split (what you select on)."""
+        return self._accuracy(student, self.x_val, self.y_val)
+
+    def _test_accuracy(self, student) -> float:
+        from ..data import load
+        x_test, y_test = load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
+        acc = self._accuracy(student, x_test, y_test)
+        self._tested.setdefault(_fingerprint(student), acc)
+        return acc
+
+
+def check_experiment(lab: DistillLab, trials: list, chosen, quiet: bool = False, bar: float = 0.01) -> CheckResult:
+    """Judge the open-ended T / alpha search (its outcome, not the code that produced it).
+
+    ``trials`` is a list of dicts, one per trained student: the distilled ones with the keys
+    ``"student"``, ``"T"``, ``"alpha"`` and ``"val_acc"``; one scratch baseline (labels only, no
+    teacher) with ``"student"``, ``"scratch": True`` and ``"val_acc"``. ``chosen`` is the index of
+    the distilled trial you picked. The check passes when
+
+    * there are at least four distinct (T, alpha) settings and one scratch trial;
+    * every recorded ``val_acc`` is the trial's validation accuracy (``lab.val_accuracy``);
+    * ``chosen`` has the best validation accuracy of the distilled trials;
+    * on the sealed test split the chosen student beats the scratch student by more than ``bar``.
+
+    It also tells you where your choice ranks on the test split among all your settings, and how far
+    it is from the best one in hindsight (which no honest procedure can pick).
+    """
+    from ._common import result
+    name = "check_experiment"
+    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
+        return result(name, False, "`trials` must be a list of dicts, one per trained student.", quiet=quiet)
+    for i, t in enumerate(trials):
+        if "student" not in t or "val_acc" not in t:
+            return result(name, False, f"trial {i} needs the keys 'student' and 'val_acc'.", quiet=quiet)
+    scratch = [i for i, t in enumerate(trials) if t.get("scratch")]
+    kd = [i for i, t in enumerate(trials) if not t.get("scratch")]
+    if len(scratch) != 1:
+        return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}): a dict "
+                                   "with 'scratch': True for the student trained on the labels alone.", quiet=quiet)
+    for i in kd:
+        if "T" not in trials[i] or "alpha" not in trials[i]:
+            return result(name, False, f"trial {i} is distilled: record its 'T' and 'alpha'.", quiet=quiet)
+    settings = {(float(trials[i]["T"]), float(trials[i]["alpha"])) for i in kd}
+    if len(settings) < 4:
+        return result(name, False, f"a search needs at least four (T, alpha) settings; you tried {len(settings)}.",
+                      hint="try several temperatures (e.g. 1 to 10) and two or more alphas.", quiet=quiet)
+    val = {}
+    for i, t in enumerate(trials):
+        acc = lab.val_accuracy(t["student"])
+        if abs(float(t["val_acc"]) - acc) > 1e-6:
+            return result(name, False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
+                                       f"accuracy is {acc:.4f}.",
+                          hint="score every trial with lab.val_accuracy: selecting on any other split (the test "
+                               "split above all) is not allowed.", quiet=quiet)
+        val[i] = acc
+    if not isinstance(chosen, int) or chosen not in kd:
+        return result(name, False, f"`chosen` must be the index of one of your distilled trials {kd}.", quiet=quiet)
+    best = max(kd, key=lambda i: val[i])
+    if val[chosen] < val[best] - 1e-9:
+        return result(name, False, f"you chose trial {chosen} (validation {val[chosen]:.4f}), but trial {best} has "
+                                   f"{val[best]:.4f}.",
+                      hint="pick the best setting on validation; the test split only reports the one you picked.",
+                      quiet=quiet)
+    test = {i: lab._test_accuracy(trials[i]["student"]) for i in [chosen, scratch[0]] + kd}
+    gain = test[chosen] - test[scratch[0]]
+    oracle = max(kd, key=lambda i: test[i])
+    rank = 1 + sum(test[i] > test[chosen] for i in kd)
+    t = trials[chosen]
+    where = (f"your choice T={t['T']}, alpha={t['alpha']} (validation {val[chosen]:.4f}): test {test[chosen]:.4f} vs "
+             f"scratch {test[scratch[0]]:.4f} ({gain * 100:+.1f} points). On the test split it ranks {rank} of "
+             f"{len(kd)} settings; the best in hindsight (T={trials[oracle]['T']}, alpha={trials[oracle]['alpha']}) "
+             f"reached {test[oracle]:.4f}, {(test[oracle] - test[chosen]) * 100:.1f} points more: the price of "
+             "choosing on a finite validation split.")
+    if lab.profile == "smoke":
+        where += " (smoke profile: tiny runs, the numbers are not meaningful)"
+    if gain <= bar:
+        return result(name, False, where,
+                      hint=f"the chosen student must beat scratch by more than {bar * 100:.0f} point(s) on test: does "
+                           "your student use the transfer images (the teacher's logits on them)? Enough steps?",
+                      quiet=quiet)
+    return result(name, True, where, quiet=quiet)

@@ -1,4 +1,5 @@
-"""Checks for chapter 04 (ResNet transfer): head + freeze, discriminative LR groups, Grad-CAM."""
+"""Checks for chapter 04 (ResNet transfer): head + freeze, discriminative LR groups, Grad-CAM, and the
+open-ended fine-tuning experiment (:class:`TransferLab`, :func:`check_experiment`)."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,8 @@ from torch import nn
 
 from ._common import CheckResult, compare
 
-__all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares"]
+__all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
+           "TransferLab", "check_experiment"]
 
 
 def _result(name, problem, ok_text, hint, quiet):
@@ -213,3 +215,176 @@ def check_gradcam(student_fn, quiet=False) -> CheckResult:
             problem = "on the two-squares image the map for 'red' should be positive exactly on the red square"
     return _result(name, problem, f"matches the reference on {len(cases)} inputs, including the two-squares "
                    "case, and leaves no hooks behind.", hint, quiet)
+
+
+# ----------------------------------------------------------------------------- the open-ended experiment
+class LabNet(nn.Module):
+    """A small CNN for 28 x 28 digits whose stages are named like torchvision's ResNet
+    (``conv1``, ``bn1``, ``layer1`` ... ``layer3``, ``fc``), so ResNet code (parameter groups,
+    freezing by stage name) works on it unchanged."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        block = lambda c_in, c_out: nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                                                  nn.BatchNorm2d(c_out), nn.ReLU())
+        self.conv1, self.bn1, self.relu = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.layer1 = nn.Sequential(block(8, 16), nn.MaxPool2d(2))           # 14 x 14
+        self.layer2 = nn.Sequential(block(16, 32), nn.MaxPool2d(2))          # 7 x 7
+        self.layer3 = nn.Sequential(block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
+
+
+def _fingerprint(model) -> tuple:
+    return tuple(round(float(p.detach().double().sum()), 6) for p in model.parameters())
+
+
+class TransferLab:
+    """The data of the open-ended experiment: transfer from MNIST digits 0-4 to digits 5-9.
+
+    * **source task** (pretraining, done here once): :class:`LabNet` trained on ``n_source`` labelled
+      images of the digits 0-4;
+    * **target task**: the digits 5-9 (labels 0-4 stand for 5-9), with only ``per_class`` labelled
+      training images per digit (``x_train, y_train``) and a validation split (``val_accuracy``);
+    * ``pretrained()``: a fresh copy of the pretrained network with a new, random 5-class head;
+      ``scratch()``: the same network with random weights.
+
+    The test split (digits 5-9 of MNIST's test set) is not handed out: only :func:`check_experiment`
+    opens it, for your choice and your scratch baseline.
+
+    Example:
+        >>> lab = TransferLab(per_class=10)
+        >>> model = lab.pretrained()
+        >>> lab.val_accuracy(model)
+    """
+
+    def __init__(self, per_class: int = 10, n_source: int = 5_000, source_epochs: int = 2, n_val: int = 500,
+                 n_test: int = 1_000, seed: int = 0):
+        import numpy as np
+        import torch.nn.functional as F
+        from ..data import load
+        from ..runtime import profile
+        x, y = load("mnist", "train").tensors()
+        rng = np.random.default_rng(seed)
+        order = torch.from_numpy(rng.permutation(len(y)))
+        src = order[y[order] < 5][:n_source]
+        tgt = order[y[order] >= 5]
+        val, rest = tgt[:n_val], tgt[n_val:]
+        train = torch.cat([rest[y[rest] == d][:per_class] for d in range(5, 10)])
+        self.x_train, self.y_train = x[train], y[train] - 5
+        self.x_val, self.y_val = x[val], y[val] - 5
+        self.per_class, self.n_test, self._seed, self._tested = per_class, n_test, seed, {}
+        self.profile = profile().name
+        torch.manual_seed(seed)
+        net = LabNet(5)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = x[src], y[src]
+        net.train()
+        for _ in range(source_epochs):
+            perm = torch.randperm(len(ys), generator=g)
+            for k in range(0, len(ys), 64):
+                i = perm[k:k + 64]
+                loss = F.cross_entropy(net(xs[i]), ys[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.source_state = copy.deepcopy(net.state_dict())
+
+    def pretrained(self, seed: int = 0) -> LabNet:
+        """The network pretrained on digits 0-4, with a new random head for digits 5-9."""
+        net = LabNet(5)
+        net.load_state_dict(self.source_state)
+        torch.manual_seed(seed)
+        net.fc = nn.Linear(net.fc.in_features, 5)
+        return net
+
+    def scratch(self, seed: int = 0) -> LabNet:
+        """The same network, randomly initialised."""
+        torch.manual_seed(seed)
+        return LabNet(5)
+
+    @staticmethod
+    def _accuracy(model, x, y) -> float:
+        was = model.training
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            pred = torch.cat([model(x[k:k + 500].to(device)).argmax(1).cpu() for k in range(0, len(y), 500)])
+        model.train(was)
+        return float((pred == y).float().mean())
+
+    def val_accuracy(self, model) -> float:
+        """Accuracy on the validation split of the target task (what you select on)."""
+        return self._accuracy(model, self.x_val, self.y_val)
+
+    def _test_accuracy(self, model) -> float:
+        from ..data import load
+        x, y = load("mnist", "test").tensors()
+        keep = torch.nonzero(y >= 5).flatten()[:self.n_test]
+        acc = self._accuracy(model, x[keep], y[keep] - 5)
+        self._tested.setdefault(_fingerprint(model), acc)
+        return acc
+
+
+def check_experiment(lab: TransferLab, trials: list, chosen, quiet: bool = False, bar: float = 0.0) -> CheckResult:
+    """Judge the open-ended fine-tuning experiment (its outcome, not the code).
+
+    ``trials``: one dict per trained model with the keys ``"model"``, ``"val_acc"`` and
+    ``"schedule"`` (a short description of the setting, e.g. ``"decay 0.3, head lr 0.05"`` or
+    ``"unfreeze one stage every 50 steps"``); exactly one of them is the scratch baseline, marked
+    ``"scratch": True``. ``chosen`` is the index of the fine-tuning trial you picked. Passes when
+
+    * there are at least three distinct fine-tuning schedules and one scratch trial;
+    * every ``val_acc`` is the trial's validation accuracy (``lab.val_accuracy``);
+    * ``chosen`` is the best fine-tuning trial on validation;
+    * on the sealed test split the chosen model beats the scratch baseline by more than ``bar``.
+
+    It also says where your choice ranks on the test split among your schedules.
+    """
+    from ._common import result
+    name = "check_experiment"
+    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
+        return result(name, False, "`trials` must be a list of dicts, one per trained model.", quiet=quiet)
+    for i, t in enumerate(trials):
+        if "model" not in t or "val_acc" not in t:
+            return result(name, False, f"trial {i} needs the keys 'model' and 'val_acc'.", quiet=quiet)
+    scratch = [i for i, t in enumerate(trials) if t.get("scratch")]
+    tuned = [i for i, t in enumerate(trials) if not t.get("scratch")]
+    if len(scratch) != 1:
+        return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}), marked "
+                                   "'scratch': True.", quiet=quiet)
+    schedules = {str(trials[i].get("schedule")) for i in tuned if trials[i].get("schedule")}
+    if len(schedules) < 3 or any(not trials[i].get("schedule") for i in tuned):
+        return result(name, False, f"compare at least three fine-tuning schedules, each described in its 'schedule' "
+                                   f"key (found {len(schedules)} distinct).", quiet=quiet)
+    val = {}
+    for i, t in enumerate(trials):
+        acc = lab.val_accuracy(t["model"])
+        if abs(float(t["val_acc"]) - acc) > 1e-6:
+            return result(name, False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
+                                       f"accuracy is {acc:.4f}.",
+                          hint="score every trial with lab.val_accuracy; select on validation only.", quiet=quiet)
+        val[i] = acc
+    if not isinstance(chosen, int) or chosen not in tuned:
+        return result(name, False, f"`chosen` must be the index of one of your fine-tuning trials {tuned}.",
+                      quiet=quiet)
+    best = max(tuned, key=lambda i: val[i])
+    if val[chosen] < val[best] - 1e-9:
+        return result(name, False, f"you chose trial {chosen} (validation {val[chosen]:.4f}), but trial {best} has "
+                                   f"{val[best]:.4f}.", hint="pick the best schedule on validation.", quiet=quiet)
+    test = {i: lab._test_accuracy(trials[i]["model"]) for i in [chosen, scratch[0]] + tuned}
+    gain = test[chosen] - test[scratch[0]]
+    oracle = max(tuned, key=lambda i: test[i])
+    rank = 1 + sum(test[i] > test[chosen] for i in tuned)
+    msg = (f"your choice '{trials[chosen]['schedule']}' (validation {val[chosen]:.4f}): test {test[chosen]:.4f} vs "
+           f"scratch {test[scratch[0]]:.4f} ({gain * 100:+.1f} points); it ranks {rank} of {len(tuned)} schedules on "
+           f"test, where the best in hindsight ('{trials[oracle]['schedule']}') reached {test[oracle]:.4f}.")
+    if lab.profile == "smoke":
+        msg += " (smoke profile: tiny runs, the numbers are not meaningful)"
+    if gain <= bar:
+        return result(name, False, msg, hint="the chosen fine-tuned model must beat scratch on test: does it start "
+                                             "from lab.pretrained()? Are the learning rates sensible?", quiet=quiet)
+    return result(name, True, msg, quiet=quiet)
