@@ -153,15 +153,22 @@ class Difference:
         return bool(np.isfinite(self.low) and (self.low > 0 or self.high < 0))
 
     def verdict(self, method: str = "method", baseline: str = "baseline", unit: float = 100, suffix=" points") -> str:
-        """One sentence: the difference, its interval and what it lets us say."""
-        span = (f"{self.mean * unit:+.1f}{suffix}, {self.confidence:.0%} CI "
-                f"[{self.low * unit:+.1f}, {self.high * unit:+.1f}] over {self.n} "
+        """One sentence: the difference, its interval and what it lets us say.
+
+        The numbers are ``method - baseline``, except when the baseline is clearly better: then the
+        sentence is turned round ("scratch is better than fine-tuned: +4.8 points ...") so that its
+        numbers read as the winner's lead.
+        """
+        flip = self.significant and self.mean < 0
+        sign = -1 if flip else 1
+        low, high = sorted((sign * self.low, sign * self.high))
+        span = (f"{sign * self.mean * unit:+.1f}{suffix}, {self.confidence:.0%} CI "
+                f"[{low * unit:+.1f}, {high * unit:+.1f}] over {self.n} "
                 f"{'paired ' if self.paired else ''}seeds")
         if not np.isfinite(self.low):
             return f"{method} vs {baseline}: {span}: too few seeds for a verdict."
         if self.significant:
-            better = method if self.mean > 0 else baseline
-            worse = baseline if self.mean > 0 else method
+            better, worse = (baseline, method) if flip else (method, baseline)
             return f"{better} is better than {worse}: {span}."
         return f"no clear difference between {method} and {baseline}: {span} (the interval includes 0)."
 

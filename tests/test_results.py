@@ -28,6 +28,9 @@ def test_difference_is_paired_by_seed_and_says_when_it_cannot_tell():
     assert not noisy.significant and "no clear difference" in noisy.verdict("a", "b")
     # unpaired (Welch) intervals are wider than paired ones on the same numbers
     assert Difference([0.80, 0.82, 0.81], [0.78, 0.80, 0.79], paired=False).low < real.low
+    # a baseline that wins is named first, with its lead as a positive number
+    lost = Difference([0.70, 0.71, 0.72], [0.75, 0.76, 0.77]).verdict("fine-tuned", "scratch")
+    assert lost.startswith("scratch is better than fine-tuned: +5.0 points") and "CI [+" in lost
     assert "too few seeds" in Difference([0.9], [0.8]).verdict()
     with pytest.raises(ValueError, match="one baseline per seed"):
         Difference([0.9, 0.8], [0.8])
