@@ -126,3 +126,112 @@ def test_budget_loop_wrong_answers_fail():
 
     for fn in (sample_std, swapped_args, one_seed, mean_over_budgets):
         assert not check_budget_loop(fn, quiet=True), fn.__name__
+
+
+# ----------------------------------------------------------------------------- the open-ended experiment
+class _FakeLab:
+    """A CodeLab stand-in with fixed scores: val/test accuracy per encoder, pixels at 0.80 / 0.80."""
+
+    def __init__(self, val, test):
+        self.val, self.test, self._tested, self.profile = val, test, {}, "cpu"
+
+    def val_accuracy(self, encoder):
+        return self.val[encoder.tag]
+
+    def pixel_val_accuracy(self):
+        return 0.80
+
+    def _test_accuracy(self, encoder):
+        self._tested.setdefault(ae._fingerprint(encoder), True)
+        return self.test[encoder.tag], 0.80
+
+
+def _encoder(tag):
+    torch.manual_seed(tag)
+    enc = nn.Linear(4, 2)
+    enc.tag = tag
+    return enc
+
+
+def _trials(lab, recorded=None):
+    encs = [_encoder(i) for i in range(3)]
+    recorded = recorded or {}
+    return [{"noise": 0.1 * i, "code_dim": 64, "encoder": e, "val_acc": recorded.get(i, lab.val[i])}
+            for i, e in enumerate(encs)]
+
+
+def test_experiment_honest_choice_passes_and_reports_the_margin():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.83, 2: 0.85})
+    result = check_experiment_quiet(lab, _trials(lab), 1)
+    assert result and "+3.0 points" in result.message
+
+
+def check_experiment_quiet(lab, trials, chosen, bar=0.01):
+    return ae.check_experiment(lab, trials, chosen, quiet=True, bar=bar)
+
+
+def test_experiment_choice_made_on_test_fails():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.83, 2: 0.85})
+    result = check_experiment_quiet(lab, _trials(lab), 2)          # best on test, not on validation
+    assert not result and "best trial on validation" in result.message
+    assert not lab._tested                                           # the test split was not even opened
+
+
+def test_experiment_scores_that_are_not_validation_scores_fail():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.83, 2: 0.85})
+    trials = _trials(lab, recorded={2: 0.85})                         # trial 2 recorded with its test score
+    assert not check_experiment_quiet(lab, trials, 2)
+
+
+def test_experiment_needs_two_different_settings():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.83, 2: 0.85})
+    trials = _trials(lab)
+    assert not check_experiment_quiet(lab, trials[1:2], 0)
+    same = [dict(t, noise=0.5) for t in trials]
+    assert not check_experiment_quiet(lab, same, 1)
+
+
+def test_experiment_below_the_bar_fails_and_says_by_how_much():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.805, 2: 0.85})
+    result = check_experiment_quiet(lab, _trials(lab), 1)
+    assert not result and "0.5 points short" in result.message
+    assert check_experiment_quiet(lab, _trials(lab), 1, bar=0.0)     # the bar is what decides
+
+
+def test_experiment_second_choice_on_the_same_test_split_fails():
+    lab = _FakeLab(val={0: 0.81, 1: 0.86, 2: 0.83}, test={0: 0.80, 1: 0.83, 2: 0.85})
+    trials = _trials(lab)
+    assert check_experiment_quiet(lab, trials, 1)
+    assert check_experiment_quiet(lab, trials, 1)                   # asking again about the same choice is fine
+    lab.val[2] = 0.90                                               # "re-selecting" after having seen the test
+    trials[2]["val_acc"] = 0.90
+    result = check_experiment_quiet(lab, trials, 2)
+    assert not result and "already scored another encoder" in result.message
+
+
+@pytest.mark.slow
+def test_code_lab_splits_are_disjoint_and_pixels_are_the_identity_code():
+    lab = ae.CodeLab(per_class=5, n_val=100, n_test=200, pool=1_000)
+    assert len(lab.x_labelled) == 50 and lab.y_labelled.bincount().tolist() == [5] * 10
+    assert len(lab.x_val) == 100
+    labelled = {tuple(x.flatten().tolist()) for x in lab.x_labelled}
+    assert not labelled & {tuple(x.flatten().tolist()) for x in lab.x_val}
+    assert lab.val_accuracy(nn.Flatten()) == pytest.approx(lab.pixel_val_accuracy())
+
+
+# ----------------------------------------------------------------------------- data splits
+def test_carve_validation_is_disjoint_stratified_and_seeded():
+    from ptcourse.chapters.autoencoders import carve_validation, per_class_subset
+    from ptcourse.data import ImageDataset
+    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1)
+    ds = ImageDataset(images, torch.arange(200) % 4, ["a", "b", "c", "d"])
+    rest, val = carve_validation(ds, 40, seed=3)
+    assert len(rest) == 160 and len(val) == 40
+    assert not set(rest.images.flatten().tolist()) & set(val.images.flatten().tolist())
+    assert val.labels.bincount().tolist() == [10] * 4
+    assert torch.equal(carve_validation(ds, 40, seed=3)[1].images, val.images)
+    few = per_class_subset(rest, 3, seed=0)
+    assert few.labels.bincount().tolist() == [3] * 4
+    assert set(few.images.flatten().tolist()) <= set(rest.images.flatten().tolist())
+    with pytest.raises(ValueError):
+        carve_validation(ds, 200)

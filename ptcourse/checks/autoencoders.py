@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["check_add_noise", "check_autoencoder", "check_classifier", "check_budget_loop"]
+__all__ = ["check_add_noise", "check_autoencoder", "check_classifier", "check_budget_loop",
+           "CodeLab", "check_experiment"]
 
 
 def _compare(*args, **kwargs):
@@ -143,3 +144,129 @@ def check_budget_loop(label_budget_loop, quiet=False):
                     hint="for each budget, call train_and_eval(per_class, seed) once per seed and keep "
                          "np.mean and np.std (the population std, ddof=0) of those accuracies.",
                     quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- the open-ended experiment
+def _fingerprint(encoder) -> tuple:
+    """A summary of an encoder's weights: the same trained encoder gives the same tuple."""
+    return tuple(round(float(p.detach().double().sum()), 6) for p in encoder.parameters())
+
+
+class CodeLab:
+    """The data of the open-ended experiment: labelled images, a validation split, and a sealed test split.
+
+    A code is judged by a k-nearest-neighbour vote (cosine similarity, ``k`` neighbours) of the
+    ``per_class`` labelled images per digit. The labelled images and the validation split both come
+    from MNIST's *training* split and share no image. The test split is not handed out: only
+    :func:`check_experiment` opens it, for the one encoder you chose on validation.
+
+    Example:
+        >>> lab = CodeLab(per_class=30, n_val=1_000, n_test=2_000)
+        >>> lab.val_accuracy(encoder)          # kNN accuracy of encoder(x) codes on the validation split
+        >>> lab.pixel_val_accuracy()           # the same vote on raw pixels: the baseline to beat
+    """
+
+    def __init__(self, per_class: int, n_val: int, n_test: int, pool: int = 6_000, k: int = 20, seed: int = 0):
+        from ..chapters.autoencoders import carve_validation, per_class_subset
+        from ..data import load
+        train_pool = load("mnist", "train", limit=pool, seed=seed + 1)
+        rest, val = carve_validation(train_pool, n_val, seed=seed)
+        labelled = per_class_subset(rest, per_class, seed=seed)
+        self.per_class, self.k, self.n_test, self._seed = per_class, k, n_test, seed
+        self.x_labelled, self.y_labelled = labelled.tensors()
+        self.x_val, self.y_val = val.tensors()
+        self._tested = {}          # fingerprints of the encoders scored on the test split, in order
+        from ..runtime import profile
+        self.profile = profile().name
+
+    def _knn(self, encoder, x, y) -> float:
+        from ..probes import extract_features, knn_accuracy
+        if encoder is None:
+            return knn_accuracy(self.x_labelled.flatten(1), self.y_labelled, x.flatten(1), y, k=self.k)
+        device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+        return knn_accuracy(extract_features(encoder, self.x_labelled, device=device), self.y_labelled,
+                            extract_features(encoder, x, device=device), y, k=self.k)
+
+    def val_accuracy(self, encoder) -> float:
+        """kNN accuracy of ``encoder``'s codes on the validation split (what you select on)."""
+        return self._knn(encoder, self.x_val, self.y_val)
+
+    def pixel_val_accuracy(self) -> float:
+        """kNN accuracy of raw pixels on the validation split (the baseline)."""
+        return self._knn(None, self.x_val, self.y_val)
+
+    def _test_accuracy(self, encoder) -> tuple[float, float]:
+        from ..data import load
+        x_test, y_test = load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
+        code = self._knn(encoder, x_test, y_test)
+        self._tested[_fingerprint(encoder)] = code
+        return code, self._knn(None, x_test, y_test)
+
+
+def check_experiment(lab: CodeLab, trials: list, chosen, quiet: bool = False, bar: float = 0.01):
+    """Judge the outcome of the open-ended experiment (not the code that produced it).
+
+    ``trials`` is a list of dicts, one per pretrained encoder you tried, each with at least the key
+    ``"encoder"``, the settings you varied (e.g. ``"noise"``, ``"code_dim"``) and the ``"val_acc"``
+    you selected on. ``chosen`` is the index of the trial you picked. The check passes when
+
+    * there are at least two trials with different settings (an experiment, not one run);
+    * every recorded ``val_acc`` is the trial's validation accuracy (``lab.val_accuracy``);
+    * ``chosen`` has the highest validation accuracy of all trials (selection on validation);
+    * the test split has been used for this one choice only (no comparison of choices on test);
+    * on the test split, the chosen code's kNN accuracy beats kNN on raw pixels by more than ``bar``.
+    """
+    from ._common import CheckResult
+    name = "check_experiment"
+
+    def done(passed, msg):
+        text = f"{'✅' if passed else '❌'} {name}: {msg}"
+        if not quiet:
+            print(text)
+        return CheckResult(passed, text)
+
+    if not isinstance(trials, (list, tuple)) or len(trials) < 2:
+        return done(False, "an experiment compares at least two settings: put one dict per pretrained encoder "
+                           "in `trials`.")
+    settings = [tuple(sorted((k, repr(v)) for k, v in t.items() if k not in ("encoder", "val_acc")))
+                for t in trials]
+    if len(set(settings)) < 2:
+        return done(False, "all trials have the same settings: vary the noise level, the code size or "
+                           "something else, and record it in each trial's dict.")
+    val = []
+    for i, t in enumerate(trials):
+        if "encoder" not in t or "val_acc" not in t:
+            return done(False, f"trial {i} needs the keys 'encoder' and 'val_acc'.")
+        acc = lab.val_accuracy(t["encoder"])
+        if abs(float(t["val_acc"]) - acc) > 1e-6:
+            return done(False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
+                               f"accuracy is {acc:.4f}. Score every trial with lab.val_accuracy: selecting "
+                               "on any other split (the test split above all) is not allowed.")
+        val.append(acc)
+    if not isinstance(chosen, int) or not 0 <= chosen < len(trials):
+        return done(False, f"`chosen` must be the index (0..{len(trials) - 1}) of the trial you picked.")
+    best = int(np.argmax(val))
+    if val[chosen] < val[best] - 1e-9:
+        return done(False, f"you chose trial {chosen} (validation accuracy {val[chosen]:.4f}), but trial {best} "
+                           f"has {val[best]:.4f}. Pick the best trial on validation; the test split only "
+                           "reports the one you picked.")
+    code_acc, pixel_acc = lab._test_accuracy(trials[chosen]["encoder"])
+    if next(iter(lab._tested)) != _fingerprint(trials[chosen]["encoder"]):
+        return done(False, f"the test split has already scored another encoder (your first choice). Comparing "
+                           "choices on the test split turns it into a validation split, and its accuracy no "
+                           "longer estimates new data: report the first choice you tested.")
+    gain = code_acc - pixel_acc
+    where = ", ".join(f"{k}={v}" for k, v in trials[chosen].items() if k not in ("encoder", "val_acc"))
+    summary = (f"your choice ({where}, validation {val[chosen]:.4f} vs pixels {lab.pixel_val_accuracy():.4f}) "
+               f"scores {code_acc:.4f} on the test split; kNN on pixels {pixel_acc:.4f}: "
+               f"{100 * gain:+.1f} points")
+    if gain > bar:
+        return done(True, summary + (f" (bar: {100 * bar:+.1f}). Selected on validation, tested once." if bar
+                                     else ". Selected on validation, tested once."))
+    smoke = (" (In the smoke profile the autoencoders see too few images to reach the bar; run the cpu "
+             "profile for a real result.)" if getattr(lab, "profile", None) == "smoke" else "")
+    return done(False, summary + f", {100 * (bar - gain):.1f} points short of the bar ({100 * bar:+.1f}). Try "
+                                 "other settings (the noise level, the code size, more pretraining) and select "
+                                 "again on validation; a new CodeLab tests the new choice. (Every new look at "
+                                 "the test split makes it a little less of a test: in a real project this "
+                                 "result is the one you report.)" + smoke)
