@@ -1,4 +1,4 @@
-"""profile(), seed_everything(), report(), doctor() and the exercises builder."""
+"""profile(), seed_everything(), report() and doctor() (the exercises builder: tests/test_exercises_tool.py)."""
 import json
 
 import pytest
@@ -6,7 +6,6 @@ import torch
 
 import ptcourse
 from ptcourse import results as report_mod
-from ptcourse.tools import exercises
 from ptcourse.__main__ import main as cli
 
 
@@ -56,45 +55,3 @@ def test_doctor_reports_what_a_ta_needs(capsys):
     for key in ("torch", "profile", "data cache", "HF hub cache", "jupyterlab_widgets"):
         assert key in out
     assert torch.__version__.startswith(info["versions"]["torch"])
-
-
-SOLUTION_CELL = """def f(x):
-    ### BEGIN SOLUTION
-    ### HINT: double it
-    return 2 * x
-    ### END SOLUTION
-
-y = 1
-### BEGIN SOLUTION
-y = f(3)
-### END SOLUTION"""
-
-
-def test_stubs_replace_solution_regions_with_numbered_hints():
-    out = exercises.stub_source(SOLUTION_CELL, [0])
-    assert out == ('def f(x):\n    raise NotImplementedError("Exercise 1: double it")\n\ny = 1\n'
-                   'raise NotImplementedError("Exercise 2: write your code here")')
-    md = exercises.stub_source("Q1. Why?\n\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION", [0], markdown=True)
-    assert md == "Q1. Why?\n\n*Your answer here.*"
-
-
-def test_unbalanced_markers_are_errors():
-    with pytest.raises(ValueError, match="without"):
-        exercises.stub_source("### BEGIN SOLUTION\nx = 1", [0])
-    with pytest.raises(ValueError, match="without"):
-        exercises.stub_source("x = 1\n### END SOLUTION", [0])
-
-
-def test_build_and_check_detect_stale_exercises(tmp_path):
-    (tmp_path / "solutions").mkdir()
-    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": SOLUTION_CELL, "outputs": [1],
-                     "execution_count": 3}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    (tmp_path / "solutions" / "01_x.ipynb").write_text(json.dumps(nb))
-    assert [p.name for p in exercises.build(tmp_path, check=True)] == ["01_x.ipynb"]
-    exercises.build(tmp_path)
-    built = json.loads((tmp_path / "exercises" / "01_x.ipynb").read_text())
-    assert built["cells"][0]["outputs"] == [] and built["cells"][0]["execution_count"] is None
-    assert "NotImplementedError" in built["cells"][0]["source"]
-    assert exercises.build(tmp_path, check=True) == []
-    (tmp_path / "exercises" / "01_x.ipynb").write_text("{}")
-    assert exercises.build(tmp_path, check=True)

@@ -32,8 +32,13 @@ def main(argv=None) -> int:
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
-    ex = sub.add_parser("exercises", help="build exercises/ from solutions/ (maintainers)")
-    ex.add_argument("action", choices=["build", "check"], help="build: write exercises/; check: fail if stale")
+    ex = sub.add_parser("exercises", add_help=False,
+                        help="build | check | nbgrader: exercises/ and nbgrader sources from solutions/")
+    ex.add_argument("rest", nargs=argparse.REMAINDER, help="see: python -m ptcourse exercises --help")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["exercises"]:  # the generator has its own arguments (build | check | nbgrader ...)
+        from . import exercises
+        return exercises.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -56,9 +61,6 @@ def main(argv=None) -> int:
             return 0
         print(results_table(args.dir, markdown=args.markdown))
         return 0
-    if args.command == "exercises":
-        from . import exercises
-        return exercises.main([args.action])
     from ..runtime import profile
     from . import lab
     prof = args.profile or profile().name
