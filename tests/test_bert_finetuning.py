@@ -5,8 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptcourse.checks.bert_finetuning import check_attention, check_mask_tokens, check_pad_collate, reference_attention
-from ptcourse.chapters.bert_finetuning import LengthGroupedBatchSampler, MLMCollate, Tokenized, mask_tokens, pad_collate, padding_fraction
+import numpy as np
+
+from ptcourse.checks.bert_finetuning import (check_attention, check_label_budget, check_mask_tokens, check_pad_collate,
+                                          reference_attention)
+from ptcourse.chapters.bert_finetuning import (LengthGroupedBatchSampler, MLMCollate, Tokenized, mask_tokens, pad_collate,
+                                               padding_fraction, tfidf_baseline)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -194,3 +198,94 @@ def test_check_mask_tokens():
     for wrong in (_no_random, _masks_specials, _labels_everywhere, _in_place, _all_masked,
                   lambda i, s, m, v, p=0.15: mask_tokens(i, s, m, v, 0.3)):
         assert not check_mask_tokens(wrong, quiet=True)
+
+
+# ----------------------------------------------------------------------------- TF-IDF baseline, the experiment's check
+def _toy_split(n, seed, noise=0.25):
+    """Sentences whose sentiment words carry the label, with ``noise`` of the labels flipped."""
+    rng = np.random.default_rng(seed)
+    pos, neg, filler = ["great", "moving", "superb"], ["dull", "awful", "tedious"], ["film", "plot", "cast", "the", "a"]
+    texts, labels = [], []
+    for _ in range(n):
+        y = int(rng.integers(2))
+        words = list(rng.choice(filler, 4)) + [str(rng.choice(pos if y else neg))]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(y if rng.random() > noise else 1 - y)
+    return texts, np.array(labels)
+
+
+TOY = {"train": _toy_split(400, 0), "validation": _toy_split(300, 1), "test": _toy_split(300, 2)}
+
+
+def _oracle(split):
+    truth = {}
+    for t, y in zip(*TOY[split]):
+        truth.setdefault(t, y)
+    return lambda texts: np.array([truth.get(t, 0) for t in texts])
+
+
+def _clean_rule(texts):   # what a perfect reader of the sentiment words predicts
+    return np.array([int(any(w in t.split() for w in ("great", "moving", "superb"))) for t in texts])
+
+
+def test_tfidf_baseline_tunes_C_on_validation_and_learns():
+    tr, va, te = TOY["train"], TOY["validation"], TOY["test"]
+    r = tfidf_baseline(tr[0][:200], tr[1][:200], va[0], va[1], te[0], te[1], Cs=(0.001, 1.0, 100.0))
+    assert r["C"] in (1.0, 100.0) and r["val_acc"] > 0.65 and r["test_acc"] > 0.65
+    assert r["val_acc"] == pytest.approx(float((r["val_pred"] == va[1]).mean()))
+    assert tfidf_baseline(tr[0][:50], tr[1][:50], va[0], va[1])["test_acc"] is None
+
+
+def test_check_label_budget_passes_an_honest_win_and_says_how_far():
+    idx = np.arange(30)
+    ours = float((_clean_rule(TOY["validation"][0]) == TOY["validation"][1]).mean())
+    r = check_label_budget(_clean_rule, idx, ours, data=TOY, quiet=True)
+    assert r, r.message
+    assert "30 labelled sentences" in r.message and "points" in r.message and "test, looked at once" in r.message
+
+
+def test_check_label_budget_fails_on_a_loss_a_test_claim_and_bad_indices():
+    idx = np.arange(300)
+    chance = lambda texts: np.zeros(len(texts), dtype=int)
+    acc = float((chance(TOY["validation"][0]) == TOY["validation"][1]).mean())
+    r = check_label_budget(chance, idx, acc, data=TOY, quiet=True)
+    assert not r and "BELOW" in r.message
+    base = tfidf_baseline([TOY["train"][0][i] for i in idx], TOY["train"][1][idx], *TOY["validation"])
+    same = lambda t: base["val_pred"] if list(t) == list(TOY["validation"][0]) else chance(t)   # the baseline itself
+    tie = check_label_budget(same, idx, base["val_acc"], data=TOY, quiet=True)
+    assert not tie and "TIES" in tie.message
+    # a claim that is the test accuracy: the budget was chosen on test
+    test_oracle = _oracle("test")
+    val_acc = float((test_oracle(TOY["validation"][0]) == TOY["validation"][1]).mean())
+    test_acc = float((test_oracle(TOY["test"][0]) == TOY["test"][1]).mean())
+    assert abs(val_acc - test_acc) > 0.01
+    r = check_label_budget(test_oracle, np.arange(30), test_acc, data=TOY, quiet=True)
+    assert not r and "TEST accuracy" in r.message
+    assert not check_label_budget(_clean_rule, [1, 1, 2], 0.7, data=TOY, quiet=True)
+    assert not check_label_budget(_clean_rule, [0, 10_000], 0.7, data=TOY, quiet=True)
+    assert not check_label_budget(_clean_rule, np.arange(30), 0.1, data=TOY, quiet=True)
+    assert not check_label_budget(lambda t: np.zeros(3), np.arange(30), 0.7, data=TOY, quiet=True)
+
+
+# ----------------------------------------------------------------------------- the chapter's protocol
+def _chapter_code():
+    import json
+    from pathlib import Path
+    nb = json.loads((Path(__file__).resolve().parent.parent / "chapters" / "03_bert_finetuning.ipynb").read_text("utf-8"))
+    return [("".join(c["source"]), c["cell_type"]) for c in nb["cells"]]
+
+
+def test_chapter_chooses_on_validation_reports_on_test_and_records_it():
+    cells = _chapter_code()
+    code = [s for s, kind in cells if kind == "code"]
+    sweep = next(s for s in code if "sweep[kind][lr] =" in s)
+    assert "val_loader" in sweep and "test_loader" not in sweep          # learning rates chosen on validation
+    runs = next(s for s in code if "test_acc[kind][n].append" in s)
+    assert "test_loader" in runs
+    verdict = next(s for s in code if "strongest = max(" in s)
+    assert "val_acc" in verdict and "Difference(" in verdict and "paired=True" in verdict
+    assert any(s.strip() == "<!-- measured:03_bert_finetuning -->" or s.startswith("<!-- measured:03_bert_finetuning -->")
+               for s, kind in cells if kind == "markdown")
+    settings = next(s for s in code if "BUDGETS = P.pick(" in s)
+    assert "None" not in settings                                          # every size an explicit number

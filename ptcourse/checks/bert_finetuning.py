@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ._common import CheckResult, _describe, compare
-from ..chapters.bert_finetuning import mask_tokens, pad_collate
+from ..chapters.bert_finetuning import mask_tokens, pad_collate, tfidf_baseline
 
-__all__ = ["check_attention", "check_pad_collate", "check_mask_tokens", "reference_attention"]
+__all__ = ["check_attention", "check_pad_collate", "check_mask_tokens", "check_label_budget", "reference_attention"]
 
 
 def reference_attention(q, k, v, mask=None):
@@ -138,3 +139,94 @@ def check_mask_tokens(mask_fn, quiet=False, seed=0) -> CheckResult:
     return result(True, f"{frac:.1%} of {n:,} tokens chosen; {masked:.1%} masked, {other:.1%} random, {same:.1%} "
                         "unchanged; special tokens and padding untouched.")
 
+
+
+def _splits(dataset, n_val, n_test):
+    from .. import data
+    out = {"train": data.load(dataset, "train", limit=8530, seed=0)}
+    out["validation"] = data.load(dataset, "validation", limit=n_val, seed=0)
+    out["test"] = data.load(dataset, "test", limit=n_test, seed=0)
+    return {k: (list(v.texts), np.asarray(v.labels)) for k, v in out.items()}
+
+
+def check_label_budget(predict, train_indices, claimed_val_acc, *, dataset="rotten_tomatoes", n_val=1066,
+                       n_test=1066, data=None, quiet=False) -> CheckResult:
+    """The open-ended experiment: does your fine-tuned model beat TF-IDF at your label budget?
+
+    ``predict(texts) -> labels`` is your trained model; ``train_indices`` the training sentences it
+    was trained on (indices into the whole train split, ``ptcourse.data.load(dataset, "train",
+    limit=8530, seed=0)`` order); ``claimed_val_acc`` the validation accuracy you measured when you
+    chose this budget. The check
+
+    1. checks the indices (distinct, inside the train split): their number is your budget;
+    2. scores your model on the validation split (``load(dataset, "validation", limit=n_val,
+       seed=0)``) and trains the TF-IDF + logistic-regression baseline on the same sentences (its
+       ``C`` chosen on that validation split);
+    3. checks that your claimed accuracy is the validation accuracy (a claim that matches the test
+       split instead means the budget was chosen on test);
+    4. passes when your model beats the baseline on validation, and says by how many points,
+       against the noise of a validation set this size (paired standard error of the difference);
+    5. then, once, reports both on the test split, the number you would publish.
+
+    ``data`` (for tests) replaces the dataset: ``{"train"|"validation"|"test": (texts, labels)}``.
+    """
+    lines = []
+
+    def result(ok, msg):
+        text = "\n".join([f"{'✅' if ok else '❌'} check_label_budget: {msg}"] + [f"   {l}" for l in lines])
+        if not quiet:
+            print(text)
+        return CheckResult(ok, text)
+
+    splits = data if data is not None else _splits(dataset, n_val, n_test)
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = (splits[k] for k in ("train", "validation", "test"))
+    tr_y, va_y, te_y = np.asarray(tr_y), np.asarray(va_y), np.asarray(te_y)
+    idx = np.asarray(train_indices).ravel()
+    if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        return result(False, f"train_indices should be a non-empty list of integers, got {_describe(train_indices)}.")
+    if len(np.unique(idx)) != len(idx):
+        return result(False, f"train_indices has {len(idx) - len(np.unique(idx))} repeated entries: the budget is "
+                             "the number of DISTINCT labelled sentences.")
+    if idx.min() < 0 or idx.max() >= len(tr_x):
+        return result(False, f"train_indices must lie in [0, {len(tr_x)}): they index the train split.")
+    n = len(idx)
+    try:
+        val_pred = np.asarray(predict(list(va_x))).ravel()
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        return result(False, f"predict(texts) raised {type(err).__name__}: {err}")
+    if val_pred.shape != va_y.shape:
+        return result(False, f"predict(texts) should return one label per sentence: {len(va_y)} labels, got "
+                             f"{_describe(val_pred)}.")
+    ours = float((val_pred == va_y).mean())
+    base = tfidf_baseline([tr_x[i] for i in idx], tr_y[idx], va_x, va_y, te_x, te_y)
+    test_pred = np.asarray(predict(list(te_x))).ravel()
+    ours_test = float((test_pred == te_y).mean())
+    claimed = float(claimed_val_acc)
+    if abs(claimed - ours) > 0.005:
+        if abs(claimed - ours_test) <= 0.005:
+            return result(False, f"you claim {claimed:.1%}, which is the TEST accuracy ({ours_test:.1%}); on "
+                                 f"validation the model scores {ours:.1%}. Choose the budget on validation and "
+                                 "look at test once, at the end.")
+        return result(False, f"you claim a validation accuracy of {claimed:.1%}, but the model scores {ours:.1%} "
+                             "on the validation split: is this the model you measured?")
+    # paired standard error of the accuracy difference on the same validation sentences
+    a, b = (val_pred == va_y), (base["val_pred"] == va_y)
+    d = a.astype(float) - b.astype(float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    margin = ours - base["val_acc"]
+    lines.append(f"validation ({len(va_y)} sentences): yours {ours:.1%}, TF-IDF {base['val_acc']:.1%} "
+                 f"(C={base['C']:g}): {100 * margin:+.1f} points, standard error {100 * se:.1f} points.")
+    lines.append(f"test, looked at once: yours {ours_test:.1%}, TF-IDF {base['test_acc']:.1%} "
+                 f"({100 * (ours_test - base['test_acc']):+.1f} points).")
+    if margin == 0:
+        return result(False, f"with {n} labelled sentences your model TIES the TF-IDF baseline on validation; it "
+                             "must beat it. Try another budget, learning rate or number of epochs.")
+    if margin < 0:
+        return result(False, f"with {n} labelled sentences your model is {100 * -margin:.1f} points BELOW the TF-IDF "
+                             "baseline on validation. Try another budget, learning rate or number of epochs.")
+    strength = ("more than twice the noise: a clear win" if margin > 2 * se else
+                "within twice the noise of a validation set this size: a win, but not a clear one")
+    return result(True, f"with {n} labelled sentences your model beats TF-IDF on validation by "
+                        f"{100 * margin:.1f} points, {strength}.")
