@@ -1,0 +1,249 @@
+"""Fine-tuning a small part: what is trained, what it costs, and how far it moves the encoder.
+
+A sentence classifier that reads a transformer encoder through mean pooling, and the measurements
+chapter 07 puts in one table (trainable parameters by group, optimizer-state memory, the size of
+what must be saved per task) plus two ways to say how far fine-tuning moved a representation::
+
+    >>> model = SentenceClassifier(AutoModel.from_pretrained(name, add_pooling_layer=False))
+    >>> trainable_parameters(model)                  # (trainable, total)
+    (22565632, 22566402)
+    >>> parameter_table(model)                       # per group: embeddings, attention, ...
+    >>> z = encode(model.encoder, dataset)           # mean-pooled sentence vectors, in order
+    >>> linear_cka(z_before, z_after), mean_cosine(z_before, z_after)
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .bert_finetuning import pad_collate
+
+
+# ----------------------------------------------------------------------------- the model
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` [B, n, d] over the real tokens (``attention_mask`` 1), [B, d].
+
+    This is how ``all-MiniLM-L6-v2`` was trained to make its sentence vectors.
+
+    Example:
+        >>> mean_pool(torch.ones(1, 3, 2), torch.tensor([[1, 1, 0]]))
+        tensor([[1., 1.]])
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class SentenceClassifier(nn.Module):
+    """``encoder`` (a Hugging Face encoder, e.g. ``BertModel``), mean pooling, a linear ``head``.
+
+    ``forward(input_ids, attention_mask, labels=None)`` returns the logits, so ``ptcourse.fit``
+    trains it with ``loss_fn=F.cross_entropy`` on the batches of ``pad_collate``. The encoder may
+    be wrapped by ``peft`` (LoRA) or partly frozen; the head is always a new ``nn.Linear``.
+
+    Example:
+        >>> model = SentenceClassifier(AutoModel.from_pretrained(name, add_pooling_layer=False), 2)
+        >>> model(**pad_collate([train[0], train[1]])).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def embed(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(self, input_ids, attention_mask, labels=None, **_):
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, dataset: Dataset, batch_size: int = 64, device=None) -> torch.Tensor:
+    """Mean-pooled sentence vectors [N, d] of a ``Tokenized`` dataset, in the dataset's order.
+
+    Sentences are batched by length (little padding) and put back in order. ``encoder`` is a
+    Hugging Face encoder or a :class:`SentenceClassifier` (its encoder is used). Its train/eval
+    mode is restored afterwards.
+
+    Example:
+        >>> z = encode(AutoModel.from_pretrained(name), Tokenized(texts, labels, tok))
+    """
+    if isinstance(encoder, SentenceClassifier):
+        encoder = encoder.encoder
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    lengths = torch.tensor([len(dataset[i]["input_ids"]) for i in range(len(dataset))])
+    order = torch.argsort(lengths, stable=True)
+    was_training = encoder.training
+    encoder.eval()
+    out = torch.empty(len(dataset), encoder.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = pad_collate([{"input_ids": dataset[int(i)]["input_ids"]} for i in idx])
+        mask = batch["attention_mask"].to(device)
+        hidden = encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        out[idx] = mean_pool(hidden, mask).float().cpu()
+    encoder.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- what is trained
+GROUPS = ("embeddings", "attention", "feed-forward", "LayerNorm", "biases", "LoRA", "head", "other")
+
+
+def parameter_group(name: str) -> str:
+    """The group of a parameter, from its name in a BERT-family model (and ``peft``'s LoRA names).
+
+    Order matters: a LoRA matrix inside an attention layer is ``LoRA``; a LayerNorm's bias is
+    ``LayerNorm``; any other ``.bias`` is ``biases``; then embeddings, attention, feed-forward.
+
+    Example:
+        >>> parameter_group("encoder.layer.0.attention.self.query.lora_A.default.weight")
+        'LoRA'
+        >>> parameter_group("encoder.layer.3.output.dense.bias")
+        'biases'
+    """
+    if "lora_" in name:
+        return "LoRA"
+    if "LayerNorm" in name or "layer_norm" in name:
+        return "LayerNorm"
+    if name.startswith("head.") or ".head." in name or "classifier" in name:
+        return "head"
+    if name.endswith("bias"):
+        return "biases"
+    if "embeddings" in name:
+        return "embeddings"
+    if "attention" in name:
+        return "attention"
+    if "intermediate" in name or ".output." in name:
+        return "feed-forward"
+    return "other"
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (each shared tensor counted once).
+
+    Example:
+        >>> trainable, total = trainable_parameters(model)
+        >>> print(f"{trainable:,} of {total:,} ({trainable / total:.2%})")
+    """
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def parameter_table(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{group: (trainable, total)}`` for the groups of :func:`parameter_group` that occur.
+
+    The first thing to print after freezing: it shows at once whether anything you meant to
+    freeze (a LayerNorm, the embeddings) still trains.
+
+    Example:
+        >>> parameter_table(model)["embeddings"]
+        (0, 11918592)
+    """
+    table = {g: [0, 0] for g in GROUPS}
+    for name, p in model.named_parameters():
+        row = table[parameter_group(name)]
+        row[1] += p.numel()
+        row[0] += p.numel() if p.requires_grad else 0
+    return {g: (t, n) for g, (t, n) in table.items() if n}
+
+
+def format_parameter_table(model: nn.Module) -> str:
+    """:func:`parameter_table` as aligned text, with a total line."""
+    rows = parameter_table(model)
+    trainable, total = trainable_parameters(model)
+    lines = [f"{'group':14s}{'trainable':>13s}{'of':>13s}"]
+    lines += [f"{g:14s}{t:13,d}{n:13,d}" for g, (t, n) in rows.items()]
+    lines.append(f"{'total':14s}{trainable:13,d}{total:13,d}   ({trainable / total:.3%} trainable)")
+    return "\n".join(lines)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in ``optimizer.state`` (AdamW: two moment tensors per trainable parameter).
+
+    The state exists only after the first ``optimizer.step()``.
+
+    Example:
+        >>> opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        >>> loss.backward(); opt.step(); optimizer_state_bytes(opt)
+    """
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that training changed, i.e. what one task must store on top of the base model."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_bytes(tensors: dict[str, torch.Tensor] | nn.Module) -> int:
+    """Size in bytes of ``tensors`` written as a ``safetensors`` file (the format ``peft`` saves).
+
+    Given a model, its :func:`trainable_state_dict` is measured.
+
+    Example:
+        >>> saved_bytes(model) / 2**20        # MiB to store per task
+    """
+    from safetensors.torch import save
+    if isinstance(tensors, nn.Module):
+        tensors = trainable_state_dict(tensors)
+    return len(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+# ----------------------------------------------------------------------------- what changed
+def mean_cosine(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows of two [N, d] embedding matrices.
+
+    1.0: every sentence points where it pointed before (lengths may differ).
+
+    Example:
+        >>> mean_cosine(z, 2 * z)
+        1.0
+    """
+    return float(F.cosine_similarity(before.double(), after.double(), dim=1).mean())
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., 2019) between [N, d1] and [N, d2].
+
+    1.0 when ``y`` is ``x`` up to a rotation and a uniform scale (plus a shift); it compares the
+    geometry of the two sets of vectors (which sentences are near which), not the coordinates.
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``.
+
+    Example:
+        >>> q, _ = torch.linalg.qr(torch.randn(8, 8))
+        >>> round(linear_cka(z, 3 * z @ q + 1), 6)
+        1.0
+    """
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
+
+
+def best_time(fn, rounds: int = 3) -> float:
+    """The fastest of ``rounds`` calls of ``fn()`` in seconds (after one untimed warm-up call).
+
+    On a shared machine other programs only ever make a run slower, so the minimum is the
+    closest to the code's own cost.
+    """
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

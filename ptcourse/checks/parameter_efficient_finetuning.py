@@ -1,0 +1,297 @@
+"""Checks for the exercises of chapter 07 (fine-tuning a small part: LoRA, BitFit, zero-shot).
+
+Example:
+    >>> from ptcourse.checks.parameter_efficient_finetuning import check_lora_linear
+    >>> check_lora_linear(LoRALinear)
+    ✅ check_lora_linear: zero at the start, only A and B train, equal to peft's LoRA on 4 layers.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._common import CheckResult, _describe, compare
+from ..chapters.parameter_efficient_finetuning import SentenceClassifier, parameter_group
+
+__all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
+           "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier"]
+
+
+def _result(name, ok, msg, hint="", quiet=False):
+    text = f"✅ {name}: {msg}" if ok else f"❌ {name}: {msg}" + (f"\n   Hint: {hint}" if hint else "")
+    if not quiet:
+        print(text)
+    return CheckResult(ok, text)
+
+
+# ----------------------------------------------------------------------------- LoRA
+class ReferenceLoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * x A^T B^T`` with ``base`` frozen, A [r, in] random, B [out, r] zero.
+
+    The initialisation is ``peft``'s default: A Kaiming-uniform (as ``nn.Linear`` initialises its
+    weight), B zero, so the layer starts as exactly ``base``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scaling
+
+
+class _Holder(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_lora(base: nn.Linear, r: int, alpha: float):
+    """``base`` wrapped by peft's LoRA (a copy); returns ``(module, lora_A weight, lora_B weight)``."""
+    from peft import LoraConfig, inject_adapter_in_model
+    holder = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0),
+                                     _Holder(copy.deepcopy(base)))
+    layer = holder.lin
+    return holder, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+_LORA_HINT = ("keep `base` and freeze its parameters; A = nn.Parameter [r, in_features] initialised randomly "
+              "(nn.init.kaiming_uniform_(A, a=math.sqrt(5)) like peft), B = nn.Parameter [out_features, r] of "
+              "zeros; forward: base(x) + (x @ A.T @ B.T) * (alpha / r).")
+
+
+def check_lora_linear(lora_cls, quiet=False) -> CheckResult:
+    """``lora_cls(base: nn.Linear, r, alpha)`` against peft's LoRA layer on the same weights.
+
+    Checks, on four layer shapes: attributes ``A`` [r, in] and ``B`` [out, r]; the output equals
+    ``base`` before training (B starts at zero) while A is random; only A and B train
+    (``r * (in + out)`` parameters); with B set to random values (copied, with A, from a peft LoRA
+    layer) the outputs equal peft's, for 2-D and 3-D inputs; gradients reach A and B, not ``base``.
+    """
+    name = "check_lora_linear"
+    fail = lambda msg: _result(name, False, msg, _LORA_HINT, quiet)
+    g = torch.Generator().manual_seed(0)
+    configs = ((16, 12, 4, 8.0), (32, 32, 8, 16.0), (10, 20, 1, 1.0), (24, 8, 2, 32.0))
+    for i, (n_in, n_out, r, alpha) in enumerate(configs, 1):
+        torch.manual_seed(100 + i)
+        base = nn.Linear(n_in, n_out)
+        original = copy.deepcopy(base)
+        try:
+            layer = lora_cls(base, r, alpha)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return fail(f"LoRALinear(base, r={r}, alpha={alpha}) raised {type(err).__name__}: {err}")
+        A, B = getattr(layer, "A", None), getattr(layer, "B", None)
+        if not (isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter)):
+            return fail("the layer needs two nn.Parameter attributes, `A` and `B`.")
+        if tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
+            return fail(f"A is {list(A.shape)} and B is {list(B.shape)} for a Linear({n_in}, {n_out}) with r={r}; "
+                        f"expected A [{r}, {n_in}] and B [{n_out}, {r}].")
+        trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+        base_params = [p for p in layer.parameters() if p is not A and p is not B]
+        if any(id(p) in trainable for p in base_params) or any(p.requires_grad for p in base.parameters()):
+            return fail("the base layer's weight or bias still trains; freeze it (requires_grad_(False)): "
+                        "LoRA trains only A and B.")
+        count = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        if count != r * (n_in + n_out):
+            return fail(f"{count} trainable parameters; a rank-{r} adapter on Linear({n_in}, {n_out}) has "
+                        f"r * (in + out) = {r * (n_in + n_out)}.")
+        x = torch.randn(5, n_in, generator=g)
+        with torch.no_grad():
+            try:
+                start = layer(x)
+            except Exception as err:  # noqa: BLE001
+                return fail(f"forward raised {type(err).__name__}: {err} on input {_describe(x)}")
+            if not torch.allclose(start, original(x), atol=1e-6):
+                return fail("before any training the layer's output differs from the base layer's: the adapter "
+                            "changes the pretrained model at step 0. B must start at zero (and A random).")
+            if float(A.abs().max()) == 0:
+                return fail("A starts at zero: with A = 0 and B = 0 both gradients are zero and nothing ever "
+                            "trains. Initialise A randomly and only B at zero.")
+        ref, ref_A, ref_B = _peft_lora(original, r, alpha)
+        with torch.no_grad():
+            ref_B.normal_(0, 0.5, generator=g)
+            A.copy_(ref_A)
+            B.copy_(ref_B)
+        for xs in (torch.randn(7, n_in, generator=g), torch.randn(2, 3, n_in, generator=g)):
+            with torch.no_grad():
+                got, expected = layer(xs), ref(xs)
+            if got.shape != expected.shape:
+                return fail(f"output shape {list(got.shape)} for input {list(xs.shape)}; expected {list(expected.shape)}.")
+            if not torch.allclose(got, expected, atol=1e-5, rtol=1e-4):
+                with torch.no_grad():
+                    ratio = float((got - original(xs)).norm() / (expected - original(xs)).norm().clamp(min=1e-12))
+                extra = (f" Your update is {ratio:.3g}x peft's, and alpha / r = {alpha / r:.3g} here: is the "
+                         "alpha / r scaling missing or wrong?" if abs(ratio - 1) > 1e-3 else "")
+                return fail(f"with the same A and B your output differs from peft's LoRA (r={r}, alpha={alpha}), "
+                            f"largest difference {float((got - expected).abs().max()):.3g}.{extra}")
+        layer.zero_grad()
+        layer(torch.randn(4, n_in, generator=g)).square().sum().backward()
+        if A.grad is None or B.grad is None or float(B.grad.abs().max()) == 0:
+            return fail("no gradient reaches A or B (detached, or computed under torch.no_grad()?).")
+    return _result(name, True, f"zero at the start, only A and B train, equal to peft's LoRA (alpha / r scaling) "
+                               f"on {len(configs)} layer shapes.", quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- BitFit
+def tiny_bert_classifier(seed: int = 0, all_trainable: bool = True) -> SentenceClassifier:
+    """A randomly initialised 2-layer BERT (hidden 16) in a :class:`SentenceClassifier`, for checks."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    model = SentenceClassifier(BertModel(cfg, add_pooling_layer=False), 2)
+    for p in model.parameters():
+        p.requires_grad_(all_trainable)
+    return model
+
+
+def reference_bitfit(model: nn.Module) -> nn.Module:
+    """BitFit (Ben Zaken et al., 2022): train every bias term and the new head, freeze all else."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias") or name.startswith("head."))
+    return model
+
+
+def check_bitfit(select_fn, quiet=False) -> CheckResult:
+    """``select_fn(model)`` must leave exactly the biases and the head trainable, in place.
+
+    Run on a small random BERT classifier twice: once with every parameter trainable and once with
+    every parameter frozen (the function must set both directions). What differs is named by group.
+    """
+    name = "check_bitfit"
+    hint = ("loop over model.named_parameters() and set p.requires_grad_(...) for EVERY parameter: True for "
+            "names ending in '.bias' and for the head ('head.'), False for everything else (LayerNorm "
+            "weights and embeddings included).")
+    for start in (True, False):
+        model = tiny_bert_classifier(all_trainable=start)
+        expected = reference_bitfit(tiny_bert_classifier(all_trainable=start))
+        try:
+            out = select_fn(model)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        model = out if isinstance(out, nn.Module) else model
+        want = {n for n, p in expected.named_parameters() if p.requires_grad}
+        got = {n for n, p in model.named_parameters() if p.requires_grad}
+        if got != want:
+            extra = sorted({parameter_group(n) + (" weights" if n.endswith("weight") else "") for n in got - want})
+            missing = sorted({parameter_group(n) for n in want - got})
+            where = "a fully trainable model" if start else "a fully frozen model"
+            parts = ([f"still trainable but should be frozen: {', '.join(extra)}"] if extra else []) + \
+                    ([f"frozen but should train: {', '.join(missing)}"] if missing else [])
+            example = sorted(got ^ want)[0]
+            return _result(name, False, f"on {where}, " + "; ".join(parts) + f" (e.g. {example}).", hint, quiet)
+    n_train = sum(p.numel() for p in expected.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in expected.parameters())
+    return _result(name, True, f"exactly the biases and the head train ({n_train:,} of {n_all:,} parameters in the "
+                               "test model), starting from a trainable and from a frozen model.", quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- zero-shot
+def reference_zero_shot(text_emb: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+    """Class ids [N]: the class whose description is most cosine-similar to each text.
+
+    ``label_emb`` is [C, d] (one description per class) or [C, K, d] (K phrasings per class: the
+    class vector is the mean of the unit-length phrasing vectors).
+    """
+    labels = F.normalize(label_emb.float(), dim=-1)
+    if labels.dim() == 3:
+        labels = labels.mean(1)
+    sims = F.normalize(text_emb.float(), dim=-1) @ F.normalize(labels, dim=-1).T
+    return sims.argmax(1)
+
+
+def _zero_shot_cases(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for n, c, k, d in ((40, 2, 0, 8), (60, 3, 0, 16), (50, 2, 3, 8), (80, 4, 5, 12)):
+        shape = (c, d) if k == 0 else (c, k, d)
+        labels = torch.randn(*shape, generator=g)
+        # very different lengths, so that a dot product without normalising picks other classes
+        labels = labels * torch.exp(2 * torch.randn(*shape[:-1], 1, generator=g))
+        texts = torch.randn(n, d, generator=g) * torch.exp(torch.randn(n, 1, generator=g))
+        cases.append((texts, labels))
+    return cases
+
+
+def check_zero_shot(zero_shot_fn, quiet=False) -> CheckResult:
+    """``zero_shot_fn(text_emb [N, d], label_emb [C, d] or [C, K, d]) -> class ids [N]``."""
+    return compare("check_zero_shot", zero_shot_fn, reference_zero_shot, _zero_shot_cases(), quiet=quiet,
+                   hint="cosine similarity = dot product of unit vectors (F.normalize on both sides); with K "
+                        "phrasings, average the unit phrasing vectors of each class first; argmax over the "
+                        "classes; return a LongTensor of class ids.")
+
+
+# ----------------------------------------------------------------------------- the open experiment
+def _behind(gap: float) -> str:
+    return f"{100 * abs(gap):.1f} points " + ("behind" if gap > 0 else "ahead of")
+
+
+def check_lora_search(trials, chosen, full_val_acc: float, *, max_gap: float, max_fraction: float,
+                      chosen_test_acc: float | None = None, full_test_acc: float | None = None,
+                      quiet=False) -> CheckResult:
+    """Judge a LoRA rank / learning-rate search.
+
+    ``trials`` is a list of dicts with ``r``, ``lr``, ``val_acc`` and ``trainable_fraction`` (one
+    per configuration tried, all on the same training set); ``chosen`` is one of them. Passes when
+    at least two configurations were tried, the trials carry no test accuracy (test is used once,
+    after choosing), ``chosen`` has the best validation accuracy among the trials under
+    ``max_fraction`` trainable parameters, and it is within ``max_gap`` (a fraction, 0.02 = 2
+    points) of full fine-tuning's validation accuracy. The test accuracies, when given, are
+    printed for information.
+    """
+    name = "check_lora_search"
+    hint = ("try several (r, lr) pairs with trial(r, lr), keep every record in a list, choose the one with the "
+            "highest val_acc among those under the parameter limit; never look at test while choosing.")
+    fail = lambda msg: _result(name, False, msg, hint, quiet)
+    trials = list(trials or [])
+    if len(trials) < 2:
+        return fail(f"{len(trials)} configuration(s) tried; a search needs at least two to choose from.")
+    for t in trials:
+        missing = {"r", "lr", "val_acc", "trainable_fraction"} - set(t)
+        if missing:
+            return fail(f"a trial record lacks {sorted(missing)}: {t}")
+        if any("test" in str(k).lower() for k in t):
+            return fail("a trial record holds a test accuracy: the choice must be made on validation only; "
+                        "measure test once, for the configuration you chose.")
+    if not any(chosen is t or chosen == t for t in trials):
+        return fail("`chosen` is not one of the trials.")
+    allowed = [t for t in trials if t["trainable_fraction"] < max_fraction]
+    if chosen["trainable_fraction"] >= max_fraction:
+        return fail(f"the chosen configuration trains {chosen['trainable_fraction']:.2%} of the parameters; the "
+                    f"limit is {max_fraction:.2%}. Try smaller ranks.")
+    best = max(t["val_acc"] for t in allowed)
+    if chosen["val_acc"] < best:
+        return fail(f"the chosen configuration (r={chosen['r']}, lr={chosen['lr']:g}) has validation accuracy "
+                    f"{chosen['val_acc']:.3f}, but another allowed one reached {best:.3f}: choose by validation.")
+    gap = full_val_acc - chosen["val_acc"]
+    test = ""
+    if chosen_test_acc is not None and full_test_acc is not None:
+        test = (f" On test (used once, after choosing): {chosen_test_acc:.3f} vs full fine-tuning "
+                f"{full_test_acc:.3f} ({_behind(full_test_acc - chosen_test_acc)}).")
+    if gap > max_gap:
+        return _result(name, False,
+                       f"best of {len(trials)} trials: r={chosen['r']}, lr={chosen['lr']:g}, validation "
+                       f"{chosen['val_acc']:.3f}, {100 * gap:.1f} points behind full fine-tuning ({full_val_acc:.3f}); "
+                       f"the goal is at most {100 * max_gap:.1f}. Try other learning rates or ranks." + test,
+                       "learning rate matters more than rank: LoRA usually wants a 3-10x larger LR than full "
+                       "fine-tuning.", quiet)
+    return _result(name, True, f"r={chosen['r']}, lr={chosen['lr']:g} chosen on validation from {len(trials)} trials: "
+                               f"{chosen['val_acc']:.3f}, {_behind(gap)} full fine-tuning with "
+                               f"{chosen['trainable_fraction']:.2%} of the parameters trainable." + test, quiet=quiet)

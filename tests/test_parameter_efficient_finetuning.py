@@ -1,0 +1,257 @@
+"""Chapter 07: ptcourse.chapters.parameter_efficient_finetuning (parameter groups, optimizer state,
+saved size, pooling, drift measures) and the exercise checks, which must reject the usual wrong answers."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ptcourse.chapters.parameter_efficient_finetuning import (
+    SentenceClassifier, encode, format_parameter_table, linear_cka, mean_cosine, mean_pool, optimizer_state_bytes,
+    parameter_group, parameter_table, saved_bytes, trainable_parameters, trainable_state_dict)
+from ptcourse.checks.parameter_efficient_finetuning import (
+    ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
+    reference_zero_shot, tiny_bert_classifier)
+
+
+# ----------------------------------------------------------------------------- library
+def test_mean_pool_ignores_padding():
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert torch.allclose(mean_pool(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_parameter_groups_of_a_bert():
+    model = tiny_bert_classifier()
+    assert parameter_group("encoder.embeddings.word_embeddings.weight") == "embeddings"
+    assert parameter_group("encoder.embeddings.LayerNorm.bias") == "LayerNorm"
+    assert parameter_group("encoder.encoder.layer.0.attention.self.query.weight") == "attention"
+    assert parameter_group("encoder.encoder.layer.0.attention.self.query.bias") == "biases"
+    assert parameter_group("encoder.encoder.layer.1.intermediate.dense.weight") == "feed-forward"
+    assert parameter_group("encoder.encoder.layer.1.output.dense.weight") == "feed-forward"
+    assert parameter_group("base_model.model.encoder.layer.0.attention.self.value.lora_B.default.weight") == "LoRA"
+    assert parameter_group("head.weight") == "head"
+    table = parameter_table(model)
+    assert "other" not in table
+    assert sum(n for _, n in table.values()) == sum(p.numel() for p in model.parameters())
+    assert all(t == n for t, n in table.values())                     # all trainable
+    reference_bitfit(model)
+    table = parameter_table(model)
+    assert table["embeddings"][0] == table["attention"][0] == table["feed-forward"][0] == 0
+    assert table["biases"][0] == table["biases"][1] > 0
+    assert table["LayerNorm"][0] == table["LayerNorm"][1] // 2       # LayerNorm biases train, weights do not
+    assert "total" in format_parameter_table(model)
+
+
+def test_trainable_parameters_counts_shared_tensors_once():
+    lin = nn.Linear(4, 3)
+    tied = nn.Sequential(lin, nn.ReLU(), nn.Linear(3, 4))
+    tied[2].weight = nn.Parameter(lin.weight.T.detach().clone())
+    tied.add_module("again", lin)
+    assert trainable_parameters(tied) == (15 + 12 + 4, 15 + 12 + 4)
+    lin.weight.requires_grad_(False)
+    assert trainable_parameters(tied) == (3 + 12 + 4, 31)
+
+
+def test_optimizer_state_is_two_fp32_moments_per_trainable_parameter():
+    model = tiny_bert_classifier()
+    reference_bitfit(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert optimizer_state_bytes(opt) == 0                             # nothing before the first step
+    ids = torch.randint(0, 50, (3, 7))
+    F.cross_entropy(model(ids, torch.ones_like(ids)), torch.tensor([0, 1, 0])).backward()
+    opt.step()
+    trainable, _ = trainable_parameters(model)
+    assert optimizer_state_bytes(opt) == 2 * 4 * trainable
+
+
+def test_saved_bytes_follows_the_trainable_subset():
+    model = tiny_bert_classifier()
+    full = saved_bytes(model)
+    reference_bitfit(model)
+    small = saved_bytes(model)
+    trainable, total = trainable_parameters(model)
+    assert 4 * trainable <= small < 4 * trainable + 4096             # fp32 data plus a small header
+    assert 4 * total <= full < 4 * total + 8192
+    assert set(trainable_state_dict(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_linear_cka_and_cosine():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 8, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    assert linear_cka(z, 3 * z @ q + 1) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(z, z) == pytest.approx(1.0)
+    assert linear_cka(z, torch.randn(200, 8, generator=g)) < 0.2
+    assert mean_cosine(z, 2 * z) == pytest.approx(1.0)
+    assert mean_cosine(z, -z) == pytest.approx(-1.0)
+    assert mean_cosine(z, z @ q) < 0.9                                 # a rotation keeps CKA, not cosine
+
+
+def test_encode_keeps_the_order_and_ignores_padding():
+    model = tiny_bert_classifier().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, 50, (n,), generator=g).tolist(), "label": 0} for n in (5, 2, 9, 3, 7)]
+    z = encode(model, data, batch_size=2)
+    for i, ex in enumerate(data):
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            alone = model.embed(ids, torch.ones_like(ids))
+        assert torch.allclose(z[i], alone[0], atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")   # peft, about transformers 6
+def test_peft_lora_on_the_classifier_counts_r_times_in_plus_out():
+    peft = pytest.importorskip("peft")
+    model = tiny_bert_classifier()
+    enc = peft.get_peft_model(model.encoder, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                             lora_dropout=0.0))
+    clf = SentenceClassifier(enc, 2)
+    trainable, _ = trainable_parameters(clf)
+    assert trainable == 2 * 2 * 4 * (16 + 16) + (16 * 2 + 2)          # layers x {q, v} x r(in + out) + head
+    assert parameter_table(clf)["LoRA"][0] == 2 * 2 * 4 * 32
+
+
+# ----------------------------------------------------------------------------- LoRA check
+class _LoRA(nn.Module):
+    """A configurable LoRA layer for the wrong answers."""
+
+    def __init__(self, base, r, alpha, *, b_init="zero", a_init="kaiming", scaling="alpha/r", freeze=True):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(not freeze)
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        if a_init == "kaiming":
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.A)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r) if b_init == "zero"
+                              else torch.randn(base.out_features, r) * 0.02)
+        self.scaling = {"alpha/r": alpha / r, "none": 1.0, "alpha": alpha, "r/alpha": r / alpha}[scaling]
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scaling
+
+
+def test_check_lora_linear_accepts_the_reference_and_rejects_wrong_layers():
+    assert check_lora_linear(ReferenceLoRALinear, quiet=True)
+    wrong = {
+        "random B": lambda b, r, a: _LoRA(b, r, a, b_init="random"),
+        "missing alpha/r": lambda b, r, a: _LoRA(b, r, a, scaling="none"),
+        "alpha without /r": lambda b, r, a: _LoRA(b, r, a, scaling="alpha"),
+        "r/alpha": lambda b, r, a: _LoRA(b, r, a, scaling="r/alpha"),
+        "base not frozen": lambda b, r, a: _LoRA(b, r, a, freeze=False),
+        "A zero too": lambda b, r, a: _LoRA(b, r, a, a_init="zero"),
+    }
+    for name, cls in wrong.items():
+        result = check_lora_linear(cls, quiet=True)
+        assert not result, name
+    assert "alpha / r" in check_lora_linear(wrong["missing alpha/r"], quiet=True).message
+    assert "step 0" in check_lora_linear(wrong["random B"], quiet=True).message
+
+
+def test_check_lora_linear_rejects_transposed_shapes_and_lets_a_stub_through():
+    class Transposed(ReferenceLoRALinear):
+        def __init__(self, base, r, alpha):
+            super().__init__(base, r, alpha)
+            self.A = nn.Parameter(self.A.detach().T.contiguous())
+    assert not check_lora_linear(Transposed, quiet=True)
+
+    class Stub(nn.Module):
+        def __init__(self, base, r, alpha):
+            raise NotImplementedError("Exercise 1")
+    with pytest.raises(NotImplementedError):
+        check_lora_linear(Stub, quiet=True)
+
+
+# ----------------------------------------------------------------------------- BitFit check
+def _layernorm_left_trainable(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias") or name.startswith("head.") or "LayerNorm" in name)
+
+
+def _only_freezes(model):                       # never switches anything on: fails on a frozen model
+    for name, p in model.named_parameters():
+        if not (name.endswith(".bias") or name.startswith("head.")):
+            p.requires_grad_(False)
+
+
+def _forgets_the_head(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias"))
+
+
+def _freezes_by_weight_name(model):             # the "frozen" model whose embeddings-free params train
+    for name, p in model.named_parameters():
+        p.requires_grad_("weight" not in name or name.startswith("head."))
+
+
+def _everything(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def test_check_bitfit():
+    assert check_bitfit(reference_bitfit, quiet=True)
+    assert check_bitfit(lambda m: (reference_bitfit(m), None)[1], quiet=True)     # returning None is fine
+    for wrong in (_layernorm_left_trainable, _only_freezes, _forgets_the_head, _everything):
+        assert not check_bitfit(wrong, quiet=True), wrong.__name__
+    assert "LayerNorm" in check_bitfit(_layernorm_left_trainable, quiet=True).message
+    # "weight" not in name == ends in bias here: the same selection, written differently, passes
+    assert check_bitfit(_freezes_by_weight_name, quiet=True)
+
+
+# ----------------------------------------------------------------------------- zero-shot check
+def test_reference_zero_shot_by_hand():
+    text = torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 1.2]])
+    labels = torch.tensor([[10.0, 0.0], [0.0, 0.5]])            # lengths differ a lot
+    assert reference_zero_shot(text, labels).tolist() == [0, 1, 1]
+    assert (text @ labels.T).argmax(1).tolist() == [0, 0, 0]    # the dot product is fooled by length
+    phrasings = torch.stack([labels, 3 * labels], 1)            # [C, K, d]
+    assert reference_zero_shot(text, phrasings).tolist() == [0, 1, 1]
+
+
+def test_check_zero_shot():
+    assert check_zero_shot(reference_zero_shot, quiet=True)
+
+    def dot_product(t, lab):
+        lab = lab.mean(1) if lab.dim() == 3 else lab
+        return (t @ lab.T).argmax(1)
+
+    def mean_before_normalising(t, lab):
+        lab = lab.mean(1) if lab.dim() == 3 else lab
+        return reference_zero_shot(t, lab)
+
+    def wrong_dim(t, lab):
+        lab = F.normalize(lab.mean(1) if lab.dim() == 3 else lab, dim=-1)
+        return (F.normalize(t, dim=-1) @ lab.T).argmax(0)
+
+    def similarities(t, lab):
+        lab = F.normalize(lab.mean(1) if lab.dim() == 3 else lab, dim=-1)
+        return F.normalize(t, dim=-1) @ lab.T
+
+    for wrong in (dot_product, mean_before_normalising, wrong_dim, similarities):
+        assert not check_zero_shot(wrong, quiet=True), wrong.__name__
+
+
+# ----------------------------------------------------------------------------- open experiment check
+def _trials():
+    return [{"r": 1, "lr": 1e-3, "val_acc": 0.70, "trainable_fraction": 0.0005},
+            {"r": 8, "lr": 1e-3, "val_acc": 0.78, "trainable_fraction": 0.004},
+            {"r": 8, "lr": 3e-3, "val_acc": 0.80, "trainable_fraction": 0.004},
+            {"r": 64, "lr": 1e-3, "val_acc": 0.82, "trainable_fraction": 0.03}]
+
+
+def test_check_lora_search():
+    t = _trials()
+    assert check_lora_search(t, t[2], 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)
+    assert check_lora_search(t, t[2], 0.81, max_gap=0.02, max_fraction=0.01, chosen_test_acc=0.79,
+                             full_test_acc=0.80, quiet=True)
+    assert not check_lora_search(t, t[1], 0.81, max_gap=0.05, max_fraction=0.01, quiet=True)   # not the best
+    assert not check_lora_search(t, t[3], 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)   # too many params
+    assert not check_lora_search(t, t[2], 0.85, max_gap=0.02, max_fraction=0.01, quiet=True)   # too far behind
+    assert not check_lora_search(t[2:3], t[2], 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)  # no search
+    cheat = [dict(x, test_acc=0.8) for x in t]
+    assert not check_lora_search(cheat, cheat[2], 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)
+    assert not check_lora_search(t, dict(t[2], val_acc=0.9), 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)
