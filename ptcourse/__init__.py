@@ -35,7 +35,7 @@ LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 # public name -> module that defines it
 _API = {
     "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
-    "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop",
+    "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop", "count_parameters": "loop",
     "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }

@@ -55,6 +55,17 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- batches
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (a tensor shared by two layers counts once); ``trainable_only``: those
+    that require gradients.
+
+    Example:
+        >>> count_parameters(torch.nn.Linear(512, 10))
+        5130
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def to_device(batch, device):
     """Move every tensor in a (nested) tuple / list / dict to ``device``."""
     if torch.is_tensor(batch):

@@ -605,3 +605,14 @@ def test_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
         for k in a["params"]:
             assert torch.equal(a["params"][k], b["params"][k]), (rank, k)
         assert strip_times(a["history"]) == strip_times(b["history"])
+
+
+def test_count_parameters_counts_shared_tensors_once_and_can_skip_frozen_ones():
+    from ptcourse import count_parameters
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight                      # weight tying, as in a GPT
+    model = torch.nn.Sequential(emb, head, torch.nn.LayerNorm(4))
+    assert count_parameters(model) == 40 + 8
+    model[2].requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == 40

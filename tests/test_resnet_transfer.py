@@ -101,7 +101,7 @@ def _resnet(num_classes=10):
 def test_partly_frozen_keeps_frozen_batchnorm_in_eval_through_train():
     net = _resnet()
     model = T.PartlyFrozen(net, trainable=("layer4", "fc"))
-    assert T.count_params(model) == T.count_params(net.layer4) + 5130
+    assert T.count_parameters(model, trainable_only=True) == T.count_parameters(net.layer4) + 5130
     model.eval()
     model.train()                                           # what fit() does every epoch
     assert not net.bn1.training and not net.layer3[1].bn2.training

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from torch import nn
 
+from ..loop import count_parameters  # noqa: F401  (the chapter imports it from here)
+
 __all__ = ["random_translate", "count_parameters", "size_kb", "latency_ms", "fold_batchnorm",
            "quantize_weight", "Int8Conv2d", "Int8Linear", "quantize_int8"]
 
@@ -62,16 +64,6 @@ def random_translate(x: torch.Tensor, pixels: int, flip: bool = False, mode: str
 
 
 # --------------------------------------------------------------------------- measuring
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (int8 layers keep their weights as buffers: see :func:`size_kb`).
-
-    Example:
-        >>> count_parameters(torch.nn.Linear(3, 2))
-        8
-    """
-    return sum(p.numel() for p in model.parameters())
-
-
 def size_kb(model: torch.nn.Module) -> float:
     """Size on disk of ``torch.save(model.state_dict())`` in kilobytes (1 kB = 1000 bytes).
 

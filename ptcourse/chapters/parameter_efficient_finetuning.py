@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..loop import count_parameters
 from .bert_finetuning import pad_collate
 
 
@@ -132,14 +133,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         >>> trainable, total = trainable_parameters(model)
         >>> print(f"{trainable:,} of {total:,} ({trainable / total:.2%})")
     """
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
+    return count_parameters(model, trainable_only=True), count_parameters(model)
 
 
 def parameter_table(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -4,7 +4,7 @@ Example:
     >>> net, pretrained = load_resnet18()            # ImageNet weights via torchvision's cache
     >>> net.fc = torch.nn.Linear(512, 10)
     >>> model = PartlyFrozen(net, trainable=("fc",))   # frozen BatchNorm stays in eval mode
-    >>> count_params(model)                            # 5130 trainable parameters
+    >>> count_parameters(model, trainable_only=True)   # 5130 trainable parameters
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import socket
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..loop import count_parameters  # noqa: F401  (used in the chapter as T.count_parameters)
 
 RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",), ("fc",))
 
@@ -136,11 +138,6 @@ class PartlyFrozen(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-
-
-def count_params(model: nn.Module, trainable: bool = True) -> int:
-    """Number of (trainable, or all) parameters. Example: ``count_params(nn.Linear(512, 10))`` is 5130."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def discriminative_groups(net: nn.Module, head_lr: float, decay: float = 0.5, stages=RESNET_STAGES) -> list[dict]:
