@@ -230,3 +230,118 @@ def test_simclr_transform_and_resnet():
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+# --------------------------------------------------------------------- the temperature-sweep experiment
+class _Scale(torch.nn.Module):
+    """A fixed 'encoder' for the check's tests: features = x @ w (no training needed)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def _sweep_setup():
+    g = torch.Generator().manual_seed(5)
+    means = 3 * torch.randn(4, 8, generator=g)
+
+    def split(n):
+        y = torch.arange(n) % 4
+        return means[y] + torch.randn(n, 8, generator=g), y
+
+    bank, val, test = split(80), split(120), split(200)
+    noise = torch.randn(8, 8, generator=g)
+    encoders = {0.1: _Scale(torch.eye(8) + 0.3 * noise), 0.5: _Scale(torch.eye(8)),
+                1.0: _Scale(torch.eye(8) + 1.5 * noise)}
+    random_encoder = _Scale(noise[:, :1] @ torch.ones(1, 8))   # rank 1: cosine similarity is only +-1
+    knn = lambda enc, s: probes.knn_accuracy(enc(bank[0]), bank[1], enc(s[0]), s[1], k=10)  # noqa: E731
+    val_scores = {t: knn(e, val) for t, e in encoders.items()}
+    test_scores = {t: knn(e, test) for t, e in encoders.items()}
+    return encoders, random_encoder, bank, val, test, val_scores, test_scores
+
+
+def test_check_temperature_sweep_passes_honest_choice():
+    enc, rnd, bank, val, test, vs, _ = _sweep_setup()
+    chosen = max(vs, key=vs.get)
+    res = checks.check_temperature_sweep(vs, chosen, enc, rnd, bank, val, test, k=10, margin=0.05, quiet=True)
+    assert res, res.message
+    assert "test kNN" in res.message and "random features" in res.message
+
+
+def test_check_temperature_sweep_fails_dishonest_or_weak_sweeps():
+    enc, rnd, bank, val, test, vs, ts = _sweep_setup()
+    best = max(vs, key=vs.get)
+    worst = min(vs, key=vs.get)
+    assert vs[worst] < vs[best]
+    run = lambda scores, chosen, encs=enc, **kw: checks.check_temperature_sweep(  # noqa: E731
+        scores, chosen, encs, rnd, bank, val, test, k=10, quiet=True, **kw)
+    assert not run(vs, worst)                                          # not the best on validation
+    res = run(ts, max(ts, key=ts.get))                                 # test accuracies reported as validation
+    assert not res and "TEST" in res.message
+    assert not run({t: vs[t] for t in (0.1, 0.5)}, best, {t: enc[t] for t in (0.1, 0.5)})   # two temperatures
+    narrow = {0.4: enc[0.1], 0.5: enc[0.5], 0.6: enc[1.0]}
+    assert not run({0.4: vs[0.1], 0.5: vs[0.5], 0.6: vs[1.0]}, 0.5, narrow)                 # span < 4x
+    assert not run({t: v + 0.05 for t, v in vs.items()}, best)         # numbers that no encoder gives
+    assert not run(vs, best, margin=1.0)                               # does not beat random by the margin
+
+
+# --------------------------------------------------------------------- the chapter's helpers
+def test_small_cnn_and_autoencoder_costs():
+    from torch.utils.flop_counter import FlopCounterMode
+    enc, dim = augment.small_cnn()
+    ae = augment.ConvAutoencoder(enc, dim)
+    x = torch.rand(2, 3, 32, 32)
+    assert enc(x).shape == (2, dim) and ae(x).shape == x.shape
+    assert 0 <= float(ae(x).min()) and float(ae(x).max()) <= 1
+    with FlopCounterMode(display=False) as f_enc:
+        enc(x)
+    with FlopCounterMode(display=False) as f_ae:
+        ae(x)
+    # one image through encoder + decoder costs about two views through the encoder (fair compute)
+    assert 1.6 < f_ae.get_total_flops() / f_enc.get_total_flops() < 2.5
+    head = augment.SimCLRNet(enc, dim, proj_dim=16)
+    assert head(x).shape == (2, 16)
+
+
+def test_label_splits_are_disjoint_balanced_and_seeded():
+    import numpy as np
+    y = np.repeat(np.arange(4), 30)
+    val, lab = augment.label_splits(y, 5, budgets=[2, 10], seeds=[0, 1])
+    assert np.bincount(y[val]).tolist() == [5] * 4
+    for (b, s), idx in lab.items():
+        assert np.bincount(y[idx]).tolist() == [b] * 4
+        assert not set(idx) & set(val)
+    assert set(lab[(10, 0)]) != set(lab[(10, 1)])
+    val2, lab2 = augment.label_splits(y, 5, budgets=[2, 10], seeds=[0, 1])
+    assert (val == val2).all() and (lab[(2, 1)] == lab2[(2, 1)]).all()
+
+
+def test_linear_probe_val_picks_c_on_validation():
+    g = torch.Generator().manual_seed(0)
+    means = 2 * torch.randn(3, 6, generator=g)
+    make = lambda n: (means[torch.arange(n) % 3] + torch.randn(n, 6, generator=g), torch.arange(n) % 3)  # noqa: E731
+    res = augment.linear_probe_val(make(60), make(60), make(90), Cs=(0.001, 1.0))
+    assert set(res) == {"C", "val", "test"} and res["C"] in (0.001, 1.0)
+    assert res["test"] > 0.6 and res["val"] > 0.6
+
+
+def test_train_classifier_runs_exact_steps_and_does_not_touch_the_encoder():
+    enc, dim = augment.small_cnn((4, 4, 8, 8))
+    before = [p.clone() for p in enc.parameters()]
+    x, y = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
+    calls = []
+    net = augment.train_classifier(enc, dim, x, y, lr=1e-2, steps=3, batch=8,
+                                   augment=lambda b: calls.append(len(b)) or b, device="cpu")
+    assert calls == [8, 8, 8]                        # exactly `steps` batches, drawn with replacement
+    assert all(torch.equal(a, b) for a, b in zip(before, enc.parameters()))   # a copy was trained
+    acc = augment.classifier_accuracy(net, x, y, device="cpu")
+    assert 0 <= acc <= 1
+
+
+def test_interleaved_timings_alternate():
+    order = []
+    out = augment.interleaved_timings({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3)
+    assert order == ["a", "b"] * 3 and len(out["a"]) == len(out["b"]) == 3

@@ -136,3 +136,183 @@ def cifar_resnet18() -> nn.Module:
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
+
+
+# ----------------------------------------------------------------------------- the chapter's small models
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 convolution (no bias), BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+def small_cnn(widths=(24, 48, 96, 192)) -> tuple[nn.Module, int]:
+    """A 4-layer CNN encoder for 32x32 images: 32 -> 16 -> 8 -> 4 pixels, then global average pooling.
+
+    Returns ``(encoder, feature_size)``; ``encoder`` maps [B, 3, 32, 32] to [B, widths[-1]].
+
+    Example:
+        >>> enc, dim = small_cnn(); enc(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 192])
+    """
+    w = widths
+    enc = nn.Sequential(conv_block(3, w[0]), nn.MaxPool2d(2), conv_block(w[0], w[1]), nn.MaxPool2d(2),
+                        conv_block(w[1], w[2]), nn.MaxPool2d(2), conv_block(w[2], w[3]),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return enc, w[3]
+
+
+class SimCLRNet(nn.Module):
+    """An encoder followed by SimCLR's projection head (Linear, ReLU, Linear); ``forward`` returns z."""
+
+    def __init__(self, encoder: nn.Module, dim: int, proj_dim: int = 128):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class ConvAutoencoder(nn.Module):
+    """Chapter 01's autoencoder for colour images: the given encoder, and a decoder back to 32x32.
+
+    The decoder maps the feature vector to a 4x4 map and upsamples it three times (nearest
+    neighbour + 3x3 convolution); a sigmoid gives pixels in [0, 1]. Its default widths are half
+    the encoder's, which makes it cost about as many multiply-adds per image as :func:`small_cnn`
+    (the decoder works at the higher resolutions), so one autoencoder epoch (one image through
+    encoder and decoder) costs about what one SimCLR epoch (two views through the encoder) does.
+
+    Example:
+        >>> enc, dim = small_cnn(); ae = ConvAutoencoder(enc, dim)
+        >>> ae(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, encoder: nn.Module, dim: int, widths=(12, 24, 48, 96)):
+        super().__init__()
+        w = widths
+        self.encoder = encoder
+        self.fc = nn.Linear(dim, w[3] * 16)
+        self.c = w[3]
+        up = lambda a, b: [nn.Upsample(scale_factor=2), conv_block(a, b)]  # noqa: E731
+        self.decoder = nn.Sequential(*up(w[3], w[2]), *up(w[2], w[1]), *up(w[1], w[0]),
+                                     nn.Conv2d(w[0], 3, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, x):
+        h = self.fc(self.encoder(x)).view(len(x), self.c, 4, 4)
+        return self.decoder(h)
+
+
+# ----------------------------------------------------------------------------- label budgets and evaluation
+def label_splits(labels, val_per_class: int, budgets, seeds, val_seed: int = 1000):
+    """Carve a validation set and seeded labelled subsets out of one labelled training split.
+
+    Returns ``(val_idx, labelled)`` where ``labelled[(budget, seed)]`` holds ``budget`` indices per
+    class, drawn with ``seed`` from the images NOT in the validation set (so validation never
+    overlaps the labels a model trains on). The test split stays untouched.
+
+    Example:
+        >>> y = np.repeat(np.arange(3), 20)
+        >>> val, lab = label_splits(y, 5, budgets=[2, 4], seeds=[0, 1])
+        >>> len(val), len(lab[(4, 1)]), set(val) & set(lab[(4, 1)])
+        (15, 12, set())
+    """
+    import numpy as np
+    from ..data import balanced_indices
+    labels = np.asarray(labels)
+    val_idx = balanced_indices(labels, val_per_class, seed=val_seed)
+    pool = np.setdiff1d(np.arange(len(labels)), val_idx)
+    labelled = {(b, s): pool[balanced_indices(labels[pool], b, seed=s)] for b in budgets for s in seeds}
+    return val_idx, labelled
+
+
+def linear_probe_val(train, val, test, Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0) -> dict:
+    """Logistic regression on frozen standardised features; ``C`` chosen on the validation features.
+
+    ``train``, ``val``, ``test`` are ``(features, labels)`` pairs. Returns ``{"C", "val", "test"}``:
+    the chosen C, its validation accuracy and its test accuracy (the test set is used once).
+
+    Example:
+        >>> r = linear_probe_val((f_tr, y_tr), (f_val, y_val), (f_te, y_te)); r["test"]
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    arr = lambda pair: (np.asarray(pair[0], dtype=np.float64), np.asarray(pair[1]))  # noqa: E731
+    (xtr, ytr), (xva, yva), (xte, yte) = arr(train), arr(val), arr(test)
+    best = None
+    for c in Cs:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+        probe.fit(xtr, ytr)
+        acc = float((probe.predict(xva) == yva).mean())
+        if best is None or acc > best[1]:
+            best = (c, acc, probe)
+    c, acc, probe = best
+    return {"C": c, "val": acc, "test": float((probe.predict(xte) == yte).mean())}
+
+
+def train_classifier(encoder: nn.Module, dim: int, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
+                     batch: int = 64, augment=None, seed: int = 0, device=None, num_classes: int = 10) -> nn.Module:
+    """Train ``copy(encoder) + Linear(dim, classes)`` end to end for exactly ``steps`` steps.
+
+    Used for both the from-scratch baseline (a freshly initialised encoder) and fine-tuning (a
+    pretrained one), so both get the same optimiser (AdamW, weight decay 5e-4, one-cycle LR),
+    steps, batch and augmentation. Batches are drawn with replacement, so small label budgets
+    get as many steps as large ones. ``x`` holds float images in [0, 1].
+
+    Example:
+        >>> net = train_classifier(small_cnn()[0], 192, x, y, lr=1e-3, steps=200)
+    """
+    import copy
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+    from ..loop import fit
+    from ..runtime import seed_everything
+    seed_everything(seed)
+    net = nn.Sequential(copy.deepcopy(encoder), nn.Linear(dim, num_classes)).to(memory_format=torch.channels_last)
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_size=batch,
+                        sampler=RandomSampler(data, replacement=True, num_samples=steps * batch))
+
+    def step(model, b):
+        xb, yb = b
+        if augment is not None:
+            xb = augment(xb)
+        return F.cross_entropy(model(xb.contiguous(memory_format=torch.channels_last)), yb)
+
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    sched = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr, pct_start=0.1, total_steps=steps)  # noqa: E731
+    fit(net, loader, epochs=1, step_fn=step, optimizer=opt, scheduler=sched, device=device, progress=False)
+    return net
+
+
+@torch.no_grad()
+def classifier_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device=None, batch: int = 500) -> float:
+    """Accuracy of ``net`` (eval mode) on float images ``x`` with labels ``y``."""
+    from ..runtime import best_device
+    device = torch.device(device) if device is not None else best_device()
+    was = net.training
+    net.eval().to(device)
+    hits = sum(int((net(x[i:i + batch].to(device).contiguous(memory_format=torch.channels_last)).argmax(1).cpu()
+                    == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    net.train(was)
+    return hits / len(x)
+
+
+def interleaved_timings(fns: dict, repeats: int = 5) -> dict:
+    """Time each function ``repeats`` times, round-robin (A, B, A, B, ...), so that a change in the
+    machine's load hits all of them alike. Returns ``{name: [seconds, ...]}``.
+
+    Example:
+        >>> t = interleaved_timings({"a": lambda: sum(range(10**5)), "b": lambda: sorted(range(10**5))}, 3)
+        >>> sorted(t), len(t["a"])
+        (['a', 'b'], 3)
+    """
+    import time
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - start)
+    return out

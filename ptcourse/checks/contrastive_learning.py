@@ -1,11 +1,12 @@
-"""Checks for the exercises of chapter 02 (contrastive learning): NT-Xent, two views, kNN."""
+"""Checks for the exercises of chapter 02 (contrastive learning): NT-Xent, two views, kNN, and the
+open-ended temperature sweep (judged by its outcome and by how it was obtained, not by its code)."""
 from __future__ import annotations
 
 import torch
 
-from ._common import CheckResult, compare
+from ._common import CheckResult, compare, result
 
-__all__ = ["check_nt_xent", "check_two_views", "check_knn_predict"]
+__all__ = ["check_nt_xent", "check_two_views", "check_knn_predict", "check_temperature_sweep"]
 
 
 def _nt_xent_cases():
@@ -115,3 +116,81 @@ def check_knn_predict(knn_fn, quiet: bool = False) -> CheckResult:
                    hint="L2-normalise both feature sets, sim = query @ train.T, take the top-k similarities, "
                         "let each neighbour vote for its label with weight exp(sim / temperature) "
                         "(scatter_add_ into a [queries, classes] tensor), then argmax.")
+
+
+def check_temperature_sweep(val_scores: dict, chosen, encoders: dict, random_encoder, bank, val, test, *,
+                            k: int = 20, margin: float = 0.03, min_ratio: float = 4.0, tol: float = 0.011,
+                            quiet: bool = False) -> CheckResult:
+    """Judge an NT-Xent temperature sweep by its outcome and by how the temperature was chosen.
+
+    ``val_scores[tau]`` is the student's kNN accuracy on the validation split of ``encoders[tau]``
+    (an encoder trained with temperature ``tau``); ``chosen`` is the temperature picked.
+    ``bank``, ``val`` and ``test`` are ``(images, labels)`` pairs: the labelled memory bank, the
+    validation split and the test split. The check
+
+    1. needs at least 3 temperatures spanning a factor of ``min_ratio`` or more;
+    2. recomputes every validation score from the encoders (weighted kNN, ``k``, temperature
+       0.07): the reported numbers must match, within ``tol``, so they were measured on validation
+       (numbers that match the *test* split instead are called out);
+    3. needs ``chosen`` to be the best temperature on validation;
+    4. judges the result on test: the chosen encoder's kNN accuracy must beat the random-init
+       encoder's by at least ``margin``, and it says how far the choice is from the sweep's best
+       temperature on test (which an honest choice need not hit).
+
+    Example:
+        >>> check_temperature_sweep(val_scores, best, encoders, random_encoder, bank, val, test, k=20)
+    """
+    from ..probes import extract_features, knn_accuracy
+    name = "check_temperature_sweep"
+
+    def fail(msg, hint=""):
+        return result(name, False, msg, hint=hint, quiet=quiet)
+
+    taus = sorted(val_scores)
+    if len(taus) < 3:
+        return fail(f"the sweep has {len(taus)} temperature(s); try at least 3.",
+                    "spread them out, e.g. one below 0.2, one near 0.5, one at 1 or above.")
+    if min(taus) <= 0 or max(taus) / min(taus) < min_ratio:
+        return fail(f"the temperatures {taus} span a factor of {max(taus) / min(taus):.1f}; "
+                    f"spread them over a factor of {min_ratio:g} or more.")
+    if set(encoders) != set(val_scores):
+        return fail(f"encoders has temperatures {sorted(encoders)}, val_scores has {taus}: one encoder per score.")
+
+    def knn(enc, split):
+        with torch.no_grad():
+            fb = extract_features(enc, bank[0], device="cpu")
+            fq = extract_features(enc, split[0], device="cpu")
+        return knn_accuracy(fb, bank[1], fq, split[1], k=k, temperature=0.07)
+
+    val_true = {t: knn(encoders[t], val) for t in taus}
+    off = [t for t in taus if abs(float(val_scores[t]) - val_true[t]) > tol]
+    test_acc = {t: knn(encoders[t], test) for t in taus}
+    if off:
+        t = off[0]
+        if abs(float(val_scores[t]) - test_acc[t]) <= tol:
+            return fail(f"the score you report for tau={t} ({float(val_scores[t]):.1%}) is the TEST accuracy "
+                        f"(validation: {val_true[t]:.1%}).",
+                        "measure every temperature on the validation split; the test split is for the final "
+                        "number only.")
+        return fail(f"the score you report for tau={t} ({float(val_scores[t]):.1%}) is not the validation kNN "
+                    f"accuracy of encoders[{t}] ({val_true[t]:.1%}, k={k}).",
+                    "use the labelled bank as memory, the validation images as queries, and the encoder that "
+                    "belongs to each temperature.")
+    if chosen not in val_scores:
+        return fail(f"chosen={chosen!r} is not one of the temperatures you tried ({taus}).")
+    best_val = max(val_true.values())
+    if val_true[chosen] < best_val - 1e-9:
+        by_test = max(test_acc, key=test_acc.get)
+        why = " (it is the best on TEST: choose on validation)" if chosen == by_test else ""
+        return fail(f"tau={chosen} is not the best temperature on validation{why}: "
+                    f"{val_true[chosen]:.1%} vs {best_val:.1%}.")
+    rand = knn(random_encoder, test)
+    best_t = max(test_acc, key=test_acc.get)
+    behind = test_acc[best_t] - test_acc[chosen]
+    outcome = (f"tau={chosen}: test kNN {test_acc[chosen]:.1%} vs {rand:.1%} for random features "
+               f"({test_acc[chosen] - rand:+.1%}; needed {margin:+.1%}). Best of your sweep on test: tau={best_t} "
+               f"at {test_acc[best_t]:.1%}" + (" (your choice)." if behind <= 0 else
+                                               f", {behind:.1%} above your choice: the price of choosing honestly."))
+    if test_acc[chosen] - rand < margin:
+        return fail(outcome, "train longer or on more images, or try a wider range of temperatures.")
+    return result(name, True, f"chosen on validation, as it should be. {outcome}", quiet=quiet)
