@@ -142,7 +142,7 @@ class _FakeLab:
         return 0.80
 
     def _test_accuracy(self, encoder):
-        self._tested.setdefault(ae._fingerprint(encoder), True)
+        self._tested.setdefault(ae.fingerprint(encoder), True)
         return self.test[encoder.tag], 0.80
 
 

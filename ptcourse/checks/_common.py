@@ -155,3 +155,37 @@ def compare(name, student_fn, reference_fn, cases, *, hint="", atol=1e-5, rtol=1
                         return fail(f"{problem} on input {i + 1}")
     return result(name, True, f"matches the reference on {len(cases)} random inputs" +
                   (" (values and gradients)." if grad else "."), quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- open-ended experiments
+def fingerprint(model) -> tuple:
+    """A summary of a model's weights: the same trained model gives the same tuple (the labs use it to
+    recognise which model was scored on the sealed test split)."""
+    return tuple(round(float(p.detach().double().sum()), 6) for p in model.parameters())
+
+
+def tensor_accuracy(model, x, y, batch_size: int = 500) -> float:
+    """Accuracy of ``model`` on in-memory tensors, in eval mode and without gradients (mode restored)."""
+    was = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        pred = torch.cat([model(x[k:k + batch_size].to(device)).argmax(1).cpu()
+                          for k in range(0, len(y), batch_size)])
+    model.train(was)
+    return float((pred == y).float().mean())
+
+
+def split_trials(name: str, trials, model_key: str, what: str, quiet: bool = False):
+    """Validate an open-ended experiment's ``trials`` (dicts with ``model_key`` and ``val_acc``, one of
+    them marked ``'scratch': True``); return ``(scratch_index, other_indices)`` or a failed CheckResult."""
+    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
+        return result(name, False, f"`trials` must be a list of dicts, one per trained {what}.", quiet=quiet)
+    for i, t in enumerate(trials):
+        if model_key not in t or "val_acc" not in t:
+            return result(name, False, f"trial {i} needs the keys '{model_key}' and 'val_acc'.", quiet=quiet)
+    scratch = [i for i, t in enumerate(trials) if t.get("scratch")]
+    if len(scratch) != 1:
+        return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}): a dict "
+                                   f"with 'scratch': True for the {what} trained from scratch.", quiet=quiet)
+    return scratch[0], [i for i, t in enumerate(trials) if not t.get("scratch")]

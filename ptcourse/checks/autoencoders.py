@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._common import fingerprint
+
 __all__ = ["check_add_noise", "check_autoencoder", "check_classifier", "check_budget_loop",
            "CodeLab", "check_experiment"]
 
@@ -147,11 +149,6 @@ def check_budget_loop(label_budget_loop, quiet=False):
 
 
 # ----------------------------------------------------------------------------- the open-ended experiment
-def _fingerprint(encoder) -> tuple:
-    """A summary of an encoder's weights: the same trained encoder gives the same tuple."""
-    return tuple(round(float(p.detach().double().sum()), 6) for p in encoder.parameters())
-
-
 class CodeLab:
     """The data of the open-ended experiment: labelled images, a validation split, and a sealed test split.
 
@@ -199,7 +196,7 @@ class CodeLab:
         from ..data import load
         x_test, y_test = load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
         code = self._knn(encoder, x_test, y_test)
-        self._tested[_fingerprint(encoder)] = code
+        self._tested[fingerprint(encoder)] = code
         return code, self._knn(None, x_test, y_test)
 
 
@@ -251,7 +248,7 @@ def check_experiment(lab: CodeLab, trials: list, chosen, quiet: bool = False, ba
                            f"has {val[best]:.4f}. Pick the best trial on validation; the test split only "
                            "reports the one you picked.")
     code_acc, pixel_acc = lab._test_accuracy(trials[chosen]["encoder"])
-    if next(iter(lab._tested)) != _fingerprint(trials[chosen]["encoder"]):
+    if next(iter(lab._tested)) != fingerprint(trials[chosen]["encoder"]):
         return done(False, f"the test split has already scored another encoder (your first choice). Comparing "
                            "choices on the test split turns it into a validation split, and its accuracy no "
                            "longer estimates new data: report the first choice you tested.")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import CheckResult, compare
+from ._common import CheckResult, compare, fingerprint, split_trials, tensor_accuracy
 
 __all__ = ["check_softmax_t", "check_distillation_loss", "check_latency", "DistillLab", "check_experiment"]
 
@@ -184,9 +184,6 @@ def check_latency(student_fn, quiet=False) -> CheckResult:
 
 
 # --------------------------------------------------------------------------- the open-ended experiment
-def _fingerprint(model) -> tuple:
-    return tuple(round(float(p.detach().double().sum()), 6) for p in model.parameters())
-
 
 class DistillLab:
     """The data of the open-ended experiment (MNIST): a trained teacher, a student's few labels,
@@ -249,13 +246,7 @@ class DistillLab:
 
     @staticmethod
     def _accuracy(model, x, y) -> float:
-        was = model.training
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            pred = torch.cat([model(x[k:k + 1000].to(device)).argmax(1).cpu() for k in range(0, len(y), 1000)])
-        model.train(was)
-        return float((pred == y).float().mean())
+        return tensor_accuracy(model, x, y, batch_size=1000)
 
     def val_accuracy(self, student) -> float:
         """Accuracy of ``student`` on the validation split (what you select on)."""
@@ -265,7 +256,7 @@ class DistillLab:
         from ..data import load
         x_test, y_test = load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
         acc = self._accuracy(student, x_test, y_test)
-        self._tested.setdefault(_fingerprint(student), acc)
+        self._tested.setdefault(fingerprint(student), acc)
         return acc
 
 
@@ -287,16 +278,10 @@ def check_experiment(lab: DistillLab, trials: list, chosen, quiet: bool = False,
     """
     from ._common import result
     name = "check_experiment"
-    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
-        return result(name, False, "`trials` must be a list of dicts, one per trained student.", quiet=quiet)
-    for i, t in enumerate(trials):
-        if "student" not in t or "val_acc" not in t:
-            return result(name, False, f"trial {i} needs the keys 'student' and 'val_acc'.", quiet=quiet)
-    scratch = [i for i, t in enumerate(trials) if t.get("scratch")]
-    kd = [i for i, t in enumerate(trials) if not t.get("scratch")]
-    if len(scratch) != 1:
-        return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}): a dict "
-                                   "with 'scratch': True for the student trained on the labels alone.", quiet=quiet)
+    split = split_trials(name, trials, "student", "student", quiet)
+    if isinstance(split, CheckResult):
+        return split
+    scratch, kd = [split[0]], split[1]
     for i in kd:
         if "T" not in trials[i] or "alpha" not in trials[i]:
             return result(name, False, f"trial {i} is distilled: record its 'T' and 'alpha'.", quiet=quiet)

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ._common import CheckResult, compare
+from ._common import CheckResult, compare, fingerprint, split_trials, tensor_accuracy
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
            "TransferLab", "check_experiment"]
@@ -237,9 +237,6 @@ class LabNet(nn.Module):
         return self.fc(self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))))
 
 
-def _fingerprint(model) -> tuple:
-    return tuple(round(float(p.detach().double().sum()), 6) for p in model.parameters())
-
 
 class TransferLab:
     """The data of the open-ended experiment: transfer from MNIST digits 0-4 to digits 5-9.
@@ -308,13 +305,7 @@ class TransferLab:
 
     @staticmethod
     def _accuracy(model, x, y) -> float:
-        was = model.training
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            pred = torch.cat([model(x[k:k + 500].to(device)).argmax(1).cpu() for k in range(0, len(y), 500)])
-        model.train(was)
-        return float((pred == y).float().mean())
+        return tensor_accuracy(model, x, y, batch_size=500)
 
     def val_accuracy(self, model) -> float:
         """Accuracy on the validation split of the target task (what you select on)."""
@@ -325,7 +316,7 @@ class TransferLab:
         x, y = load("mnist", "test").tensors()
         keep = torch.nonzero(y >= 5).flatten()[:self.n_test]
         acc = self._accuracy(model, x[keep], y[keep] - 5)
-        self._tested.setdefault(_fingerprint(model), acc)
+        self._tested.setdefault(fingerprint(model), acc)
         return acc
 
 
@@ -346,16 +337,10 @@ def check_experiment(lab: TransferLab, trials: list, chosen, quiet: bool = False
     """
     from ._common import result
     name = "check_experiment"
-    if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
-        return result(name, False, "`trials` must be a list of dicts, one per trained model.", quiet=quiet)
-    for i, t in enumerate(trials):
-        if "model" not in t or "val_acc" not in t:
-            return result(name, False, f"trial {i} needs the keys 'model' and 'val_acc'.", quiet=quiet)
-    scratch = [i for i, t in enumerate(trials) if t.get("scratch")]
-    tuned = [i for i, t in enumerate(trials) if not t.get("scratch")]
-    if len(scratch) != 1:
-        return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}), marked "
-                                   "'scratch': True.", quiet=quiet)
+    split = split_trials(name, trials, "model", "model", quiet)
+    if isinstance(split, CheckResult):
+        return split
+    scratch, tuned = [split[0]], split[1]
     schedules = {str(trials[i].get("schedule")) for i in tuned if trials[i].get("schedule")}
     if len(schedules) < 3 or any(not trials[i].get("schedule") for i in tuned):
         return result(name, False, f"compare at least three fine-tuning schedules, each described in its 'schedule' "
