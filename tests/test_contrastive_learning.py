@@ -319,6 +319,7 @@ def test_label_splits_are_disjoint_balanced_and_seeded():
     assert (val == val2).all() and (lab[(2, 1)] == lab2[(2, 1)]).all()
 
 
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_linear_probe_val_picks_c_on_validation():
     g = torch.Generator().manual_seed(0)
     means = 2 * torch.randn(3, 6, generator=g)

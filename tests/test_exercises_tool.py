@@ -215,6 +215,7 @@ def test_nbgrader_source_marks_solutions_tests_and_answers():
     assert "nbgrader" not in nb["cells"][1]["metadata"], "the input notebook must not change"
 
 
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_nbgrader_source_passes_nbgraders_own_validation():
     nbformat = pytest.importorskip("nbformat")
     pytest.importorskip("nbgrader")

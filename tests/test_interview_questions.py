@@ -86,6 +86,7 @@ def transfer_setup(net, num_classes, lr):
 
 
 # --------------------------------------------------------------------------- the checks pass them ...
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_checks_pass_the_reference_answers():
     assert checks.check_finetune(finetune, quiet=True)
     assert checks.check_attention_maps(attention_maps, quiet=True)

@@ -21,6 +21,7 @@ def test_mean_pool_ignores_padding():
     assert torch.allclose(mean_pool(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
 
 
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_parameter_groups_of_a_bert():
     model = tiny_bert_classifier()
     assert parameter_group("encoder.embeddings.word_embeddings.weight") == "embeddings"

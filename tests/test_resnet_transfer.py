@@ -184,6 +184,7 @@ def test_gradcam_on_a_resnet_layer():
 
 
 # ----------------------------------------------------------------------------- checks
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_check_replace_head_and_freeze():
     def good(net, k):
         net.fc = nn.Linear(net.fc.in_features, k)
@@ -218,6 +219,7 @@ def test_check_replace_head_and_freeze():
         assert not checks.check_replace_head_and_freeze(wrong, quiet=True), wrong.__name__
 
 
+@pytest.mark.slow  # a few seconds: kept out of the fast tier
 def test_check_discriminative_groups():
     def good(net, head_lr, decay):
         return T.discriminative_groups(net, head_lr, decay)
