@@ -35,14 +35,16 @@ class CheckResult:
         pass
 
 
-def result(name: str, ok: bool, msg: str, hint: str = "", quiet: bool = False) -> CheckResult:
-    """The one way a check reports: ``✅ name: msg`` or ``❌ name: msg`` plus a hint; printed unless quiet.
+def result(name: str, ok: bool, msg: str, hint: str = "", quiet: bool = False, details=()) -> CheckResult:
+    """The one way a check reports: ``✅ name: msg`` or ``❌ name: msg`` plus a hint (on a failure) and
+    indented ``details`` lines; printed unless quiet.
 
     Example:
         >>> bool(result("check_x", False, "the output has shape [2]", hint="sum over the last axis", quiet=True))
         False
     """
     text = f"✅ {name}: {msg}" if ok else f"❌ {name}: {msg}" + (f"\n   Hint: {hint}" if hint else "")
+    text = "\n".join([text] + [f"   {line}" for line in details])
     if not quiet:
         print(text)
     return CheckResult(ok, text)

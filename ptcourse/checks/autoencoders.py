@@ -213,14 +213,11 @@ def check_experiment(lab: CodeLab, trials: list, chosen, quiet: bool = False, ba
     * the test split has been used for this one choice only (no comparison of choices on test);
     * on the test split, the chosen code's kNN accuracy beats kNN on raw pixels by more than ``bar``.
     """
-    from ._common import CheckResult
+    from ._common import result
     name = "check_experiment"
 
     def done(passed, msg):
-        text = f"{'✅' if passed else '❌'} {name}: {msg}"
-        if not quiet:
-            print(text)
-        return CheckResult(passed, text)
+        return result(name, passed, msg, quiet=quiet)
 
     if not isinstance(trials, (list, tuple)) or len(trials) < 2:
         return done(False, "an experiment compares at least two settings: put one dict per pretrained encoder "

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ._common import CheckResult, _describe, compare
+from ._common import result as _report
 from ..chapters.bert_finetuning import mask_tokens, pad_collate, tfidf_baseline
 
 __all__ = ["check_attention", "check_pad_collate", "check_mask_tokens", "check_label_budget", "reference_attention"]
@@ -83,12 +84,9 @@ def check_mask_tokens(mask_fn, quiet=False, seed=0) -> CheckResult:
     proportions on a large batch (about 150,000 candidate tokens; tolerances of many sigma).
     """
     def result(ok, msg):
-        text = (f"✅ check_mask_tokens: {msg}" if ok else f"❌ check_mask_tokens: {msg}\n   Hint: choose "
-                "each non-special token with probability prob; of those 80% -> mask_id, 10% -> a random id, "
-                "10% unchanged; labels = original id where chosen, -100 elsewhere.")
-        if not quiet:
-            print(text)
-        return CheckResult(ok, text)
+        return _report("check_mask_tokens", ok, msg, quiet=quiet, hint=(
+            "choose each non-special token with probability prob; of those 80% -> mask_id, 10% -> a random id, "
+            "10% unchanged; labels = original id where chosen, -100 elsewhere."))
 
     g = torch.Generator().manual_seed(seed)
     vocab, mask_id = 1000, 3
@@ -173,10 +171,7 @@ def check_label_budget(predict, train_indices, claimed_val_acc, *, dataset="rott
     lines = []
 
     def result(ok, msg):
-        text = "\n".join([f"{'✅' if ok else '❌'} check_label_budget: {msg}"] + [f"   {l}" for l in lines])
-        if not quiet:
-            print(text)
-        return CheckResult(ok, text)
+        return _report("check_label_budget", ok, msg, quiet=quiet, details=lines)
 
     splits = data if data is not None else _splits(dataset, n_val, n_test)
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = (splits[k] for k in ("train", "validation", "test"))

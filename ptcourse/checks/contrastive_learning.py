@@ -61,11 +61,9 @@ def check_two_views(two_views_cls, quiet: bool = False) -> CheckResult:
         return _random_transform(x), _random_transform(x)
 
     def name(msg):
-        text = f"❌ check_two_views: {msg}\n   Hint: read the image (ignore the label) with `x, _ = self.dataset[i]` " \
-               "and return `self.transform(x), self.transform(x)`: two calls, two different random views."
-        if not quiet:
-            print(text)
-        return CheckResult(False, text)
+        return result("check_two_views", False, msg, quiet=quiet, hint=(
+            "read the image (ignore the label) with `x, _ = self.dataset[i]` and return "
+            "`self.transform(x), self.transform(x)`: two calls, two different random views."))
 
     try:
         ds = two_views_cls(base, _random_transform)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import CheckResult, compare, fingerprint, split_trials, tensor_accuracy
+from ._common import result as _report
 
 __all__ = ["check_softmax_t", "check_distillation_loss", "check_latency", "DistillLab", "check_experiment"]
 
@@ -106,18 +107,12 @@ def check_distillation_loss(student_fn, quiet=False) -> CheckResult:
         return _fail(name, "a gradient flows into the teacher's logits",
                      "the teacher is a fixed target: use teacher_logits.detach() (or compute them "
                      "under torch.no_grad()).", quiet)
-    text = f"✅ {name}: matches the reference on {len(cases)} random inputs (values and gradients), " \
-           "and the teacher gets no gradient."
-    if not quiet:
-        print(text)
-    return CheckResult(True, text)
+    return _report(name, True, f"matches the reference on {len(cases)} random inputs (values and gradients), "
+                               "and the teacher gets no gradient.", quiet=quiet)
 
 
 def _fail(name, msg, hint, quiet):
-    text = f"❌ {name}: {msg}\n   Hint: {hint}"
-    if not quiet:
-        print(text)
-    return CheckResult(False, text)
+    return _report(name, False, msg, hint, quiet)
 
 
 # --------------------------------------------------------------------------- latency
@@ -176,11 +171,8 @@ def check_latency(student_fn, quiet=False) -> CheckResult:
             hint = "the Timer reports seconds: multiply by 1000 for milliseconds."
         return _fail(name, f"a forward pass that takes {seconds * 1000:.0f} ms on {batch} images gave "
                            f"{got:.4g}, expected about {expected:.3g} ms per image", hint, quiet)
-    text = f"✅ {name}: {got:.3g} ms per image for a model that takes {expected:.3g} ms per image " \
-           "(eval mode, no autograd)."
-    if not quiet:
-        print(text)
-    return CheckResult(True, text)
+    return _report(name, True, f"{got:.3g} ms per image for a model that takes {expected:.3g} ms per image "
+                               "(eval mode, no autograd).", quiet=quiet)
 
 
 # --------------------------------------------------------------------------- the open-ended experiment

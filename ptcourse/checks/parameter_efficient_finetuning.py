@@ -14,18 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import CheckResult, _describe, compare
+from ._common import CheckResult, _describe, compare, result
 from ..chapters.parameter_efficient_finetuning import SentenceClassifier, parameter_group
 
 __all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
            "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier"]
 
 
-def _result(name, ok, msg, hint="", quiet=False):
-    text = f"✅ {name}: {msg}" if ok else f"❌ {name}: {msg}" + (f"\n   Hint: {hint}" if hint else "")
-    if not quiet:
-        print(text)
-    return CheckResult(ok, text)
+_result = result
 
 
 # ----------------------------------------------------------------------------- LoRA

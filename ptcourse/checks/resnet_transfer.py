@@ -7,17 +7,14 @@ import copy
 import torch
 from torch import nn
 
-from ._common import CheckResult, compare, fingerprint, split_trials, tensor_accuracy
+from ._common import CheckResult, compare, fingerprint, result, split_trials, tensor_accuracy
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
            "TransferLab", "check_experiment"]
 
 
 def _result(name, problem, ok_text, hint, quiet):
-    text = f"❌ {name}: {problem}\n   Hint: {hint}" if problem else f"✅ {name}: {ok_text}"
-    if not quiet:
-        print(text)
-    return CheckResult(problem is None, text)
+    return result(name, problem is None, problem or ok_text, hint, quiet)
 
 
 def _norms(net):
