@@ -1,0 +1,367 @@
+"""Chapter 06's helpers: a leak-free pretraining corpus, a byte-level BPE, a small GPT, LM batches.
+
+The chapter writes its GPT in the notebook, to be read; :class:`GPT` here is the same network,
+for the exercises, the checks and the tests.
+
+Example:
+    >>> from ptcourse.chapters.language_model_pretraining import prepare_corpus, train_bpe, GPT
+    >>> corpus = prepare_corpus(sst2_phrases, eval_sentences=rt_val + rt_test, heldout_sentences=sst2_val)
+    >>> tok = train_bpe(corpus.train, vocab_size=2048)
+    >>> model = GPT(vocab_size=tok.get_vocab_size(), context=64)
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..loop import count_parameters  # noqa: F401  (the chapter imports it from here)
+
+SPECIALS = ("<|endoftext|>", "<pad>", "<mask>")   # ids 0, 1, 2 in a tokenizer from :func:`train_bpe`
+EOS_ID, PAD_ID, MASK_ID = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- the corpus
+def normalize(text: str) -> str:
+    """Lower-case words separated by single spaces, contractions split the Penn-treebank way.
+
+    SST-2 writes ``it 's`` and ``does n't`` where Rotten Tomatoes writes ``it's`` and
+    ``doesn't``; both become ``it 's`` / ``does n't`` so that the same words compare equal.
+
+    Example:
+        >>> normalize("It's  a film that doesn't work.")
+        "it 's a film that does n't work."
+    """
+    text = text.lower()
+    text = re.sub(r"(\w)n't\b", r"\1 n't", text)
+    text = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", text)
+    return " ".join(text.split())
+
+
+def word_spans(text: str, min_words: int = 4):
+    """Every run of at least ``min_words`` consecutive words of ``normalize(text)``, as strings."""
+    words = normalize(text).split()
+    n = len(words)
+    for i in range(n):
+        for j in range(i + min_words, n + 1):
+            yield " ".join(words[i:j])
+
+
+def contained(phrases, sentences, min_words: int = 4) -> np.ndarray:
+    """Which ``phrases`` occur in one of ``sentences``: True for a phrase of at least ``min_words``
+    words that is a run of consecutive words of a sentence, and for a phrase equal to a sentence.
+
+    Example:
+        >>> contained(["a charming film", "a charming and often affecting"],
+        ...           ["it 's a charming and often affecting journey ."]).tolist()
+        [False, True]
+    """
+    spans = set()
+    for s in sentences:
+        spans.update(word_spans(s, min_words))
+    whole = {normalize(s) for s in sentences}
+    out = np.zeros(len(phrases), dtype=bool)
+    for i, p in enumerate(phrases):
+        q = normalize(p)
+        out[i] = q in whole or (len(q.split()) >= min_words and q in spans)
+    return out
+
+
+@dataclass
+class Corpus:
+    """Pretraining text: ``train`` (phrases), ``heldout`` (whole sentences, never trained on),
+    ``naive_heldout`` (phrases held out at random, the *wrong* split, kept for comparison), and
+    ``stats`` (how many phrases each rule removed)."""
+
+    train: list
+    heldout: list
+    naive_heldout: list
+    stats: dict = field(default_factory=dict)
+
+
+def prepare_corpus(phrases, eval_sentences, heldout_sentences, *, min_words: int = 4,
+                   naive_fraction: float = 0.02, seed: int = 0) -> Corpus:
+    """Unlabeled pretraining text without leaks, and a held-out set split by source sentence.
+
+    1. **Leak removal**: drop every phrase contained in an evaluation sentence (``contained``:
+       runs of ``min_words`` or more words, and exact matches). The classifier is later scored on
+       those sentences; pretraining on their pieces would let the LM memorise the test set.
+    2. **Held-out by sentence**: ``heldout_sentences`` are whole sentences split off by their
+       source (SST-2's validation sentences, separated from its training sentences by the
+       dataset's authors). Every training phrase contained in one of them is dropped too, so
+       no piece of a held-out sentence is ever trained on.
+    3. **The naive split**, for comparison only: a random ``naive_fraction`` of the remaining
+       phrases held out by position. Their neighbours (the longer and shorter phrases cut from
+       the same sentence) stay in training, so their perplexity measures memorisation.
+
+    Duplicates are removed first (SST-2 repeats phrases).
+    """
+    seen, unique = set(), []
+    for p in phrases:
+        q = normalize(p)
+        if q and q not in seen:
+            seen.add(q)
+            unique.append(q)
+    heldout = list(dict.fromkeys(normalize(s) for s in heldout_sentences))
+    leak = contained(unique, eval_sentences, min_words)
+    inside_heldout = contained(unique, heldout, min_words)
+    keep = [p for p, a, b in zip(unique, leak, inside_heldout) if not (a or b)]
+    rng = np.random.default_rng(seed)
+    naive = rng.random(len(keep)) < naive_fraction
+    train = [p for p, n in zip(keep, naive) if not n]
+    naive_heldout = [p for p, n in zip(keep, naive) if n]
+    long = np.array([len(p.split()) >= min_words for p in unique])
+    whole = {normalize(s) for s in eval_sentences}
+    stats = {"phrases": len(phrases), "unique": len(unique),
+             f"unique_{min_words}plus_words": int(long.sum()),
+             "leaked": int(leak.sum()), f"leaked_{min_words}plus_words": int((leak & long).sum()),
+             "leaked_whole_sentences": int(sum(q in whole for q in unique)),
+             "inside_heldout": int((inside_heldout & ~leak).sum()),
+             "train": len(train), "naive_heldout": len(naive_heldout), "heldout": len(heldout)}
+    return Corpus(train, heldout, naive_heldout, stats)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+def train_bpe(texts, vocab_size: int = 2048, min_frequency: int = 2):
+    """A byte-level BPE (GPT-2's kind) trained on ``texts`` with Hugging Face ``tokenizers``.
+
+    Special tokens: ``<|endoftext|>`` (id 0, between documents and at the start of a sentence),
+    ``<pad>`` (id 1) and ``<mask>`` (id 2, for the masked-LM comparison).
+
+    Example:
+        >>> tok = train_bpe(["a gem of a film", "a mess"], vocab_size=300)
+        >>> tok.decode(tok.encode("a gem").ids)
+        'a gem'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    return tok
+
+
+def encode_stream(tok, texts) -> torch.Tensor:
+    """All ``texts`` as one long token stream, each followed by ``<|endoftext|>`` (int64)."""
+    ids = []
+    for enc in tok.encode_batch(list(texts)):
+        ids.extend(enc.ids)
+        ids.append(EOS_ID)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def encode_sentences(tok, texts, context: int) -> list[list[int]]:
+    """Each text as ``[<|endoftext|>, tokens...]``, cut to ``context + 1`` ids (for next-token
+    evaluation: inputs are the first ``context``, targets the last ``context``)."""
+    return [[EOS_ID] + e.ids[:context] for e in tok.encode_batch(list(texts))]
+
+
+class RandomWindows(Dataset):
+    """``length`` random windows of ``context + 1`` consecutive tokens from ``stream`` (nanoGPT's
+    ``get_batch``): inputs are ``window[:-1]``, next-token targets ``window[1:]``. The windows
+    are drawn once, from ``seed``, so two runs with the same seed see the same data."""
+
+    def __init__(self, stream: torch.Tensor, context: int, length: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.starts = torch.randint(len(stream) - context - 1, (length,), generator=g)
+        self.stream, self.context = stream, context
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = int(self.starts[i])
+        return self.stream[s: s + self.context + 1]
+
+
+def pad_batch(seqs, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Right-pad lists of ids to the longest one: a ``[B, L]`` long tensor."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- the losses
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``ids[:, t+1]`` from ``logits[:, t]``, padding ignored.
+
+    ``logits`` ``[B, T, V]`` is the model's output for ``ids`` ``[B, T]``.
+    """
+    targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+@torch.no_grad()
+def perplexity(model, seqs, batch_size: int = 128, pad_id: int = PAD_ID) -> float:
+    """exp(mean next-token cross-entropy) of ``model`` over every real token of ``seqs``
+    (lists of ids starting with ``<|endoftext|>``); padding is not counted."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids = pad_batch(seqs[i:i + batch_size], pad_id).to(device)
+        logits = model(ids)
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
+    model.train(was)
+    return math.exp(total / count)
+
+
+def unigram_perplexity(train_stream: torch.Tensor, seqs, vocab_size: int) -> float:
+    """Perplexity of the unigram model (token frequencies of ``train_stream``, add-one smoothed)
+    on the next-token targets of ``seqs``: the bar any language model must clear."""
+    counts = torch.bincount(train_stream, minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    targets = torch.cat([torch.as_tensor(s[1:]) for s in seqs])
+    return math.exp(-float(logp[targets].mean()))
+
+
+# ----------------------------------------------------------------------------- the network
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention; ``causal=True`` lets position t see positions <= t only."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, causal: bool = True, key_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if key_mask is not None:                      # [B, T] True for real tokens
+            mask = key_mask[:, None, None, :].bool()
+        if causal:
+            tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = tril if mask is None else mask & tril
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, causal=True, key_mask=None):
+        x = x + self.drop(self.attn(self.ln1(x), causal, key_mask))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    """A small GPT: token + position embeddings, ``n_layers`` blocks, a final LayerNorm and an
+    output layer that shares its weights with the token embedding (weight tying). Every weight
+    is drawn from N(0, ``init_std``²) (0.02, as GPT-2), biases start at 0.
+
+    ``model(ids)`` gives next-token logits ``[B, T, V]``; ``model.hidden(ids)`` the final hidden
+    states ``[B, T, d]``; ``causal=False`` makes it bidirectional (the masked-LM comparison).
+
+    Example:
+        >>> model = GPT(vocab_size=2048, context=64, d_model=128, n_layers=4, n_heads=4)
+        >>> model(torch.zeros(2, 10, dtype=torch.long)).shape
+        torch.Size([2, 10, 2048])
+    """
+
+    def __init__(self, vocab_size: int, context: int = 64, d_model: int = 128, n_layers: int = 4,
+                 n_heads: int = 4, dropout: float = 0.0, init_std: float | None = 0.02):
+        super().__init__()
+        self.context = context
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight                 # weight tying
+        if init_std is not None:
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, 0.0, init_std)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def hidden(self, ids, causal: bool = True, key_mask=None):
+        T = ids.shape[1]
+        if T > self.context:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.context}).")
+        x = self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device))
+        for block in self.blocks:
+            x = block(x, causal, key_mask)
+        return self.ln_f(x)
+
+    def forward(self, ids, causal: bool = True, key_mask=None):
+        return self.head(self.hidden(ids, causal, key_mask))
+
+
+class Classifier(nn.Module):
+    """A sentence classifier on a GPT body: pool its hidden states, then one linear layer.
+
+    ``pooling="mean"`` averages the states of the real tokens; ``"last"`` takes the last real
+    token's state (in a causal model, the only position that has seen the whole sentence).
+    ``causal`` is passed to the body (False for a masked-LM body, which was trained bidirectional).
+
+    ``model(input_ids, attention_mask)`` returns logits ``[B, n_classes]`` (a ``labels`` key in the
+    batch is accepted and ignored, so ``ptcourse.fit`` can pass Hugging Face style dict batches).
+    """
+
+    def __init__(self, body: GPT, n_classes: int = 2, pooling: str = "mean", causal: bool = True):
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', not {pooling!r}")
+        self.body, self.pooling, self.causal = body, pooling, causal
+        d = body.tok_emb.embedding_dim
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        mask = attention_mask.bool()
+        h = self.body.hidden(input_ids, causal=self.causal, key_mask=None if self.causal else mask)
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            last = mask.long().sum(1) - 1
+            pooled = h[torch.arange(len(h), device=h.device), last]
+        return self.head(pooled)
+
+
+class SentenceDataset(Dataset):
+    """Sentences encoded once (``[<|endoftext|>] + tokens``, at most ``context`` ids) with labels."""
+
+    def __init__(self, tok, texts, labels, context: int):
+        self.ids = [[EOS_ID] + e.ids[:context - 1] for e in tok.encode_batch(list(texts))]
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.ids[i], int(self.labels[i])
+
+
+def collate_sentences(items, pad_id: int = PAD_ID) -> dict:
+    """A batch of ``(ids, label)`` as ``{"input_ids", "attention_mask", "labels"}`` (right-padded)."""
+    ids = pad_batch([i for i, _ in items], pad_id)
+    lengths = torch.tensor([len(i) for i, _ in items])
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in items])}

@@ -1,0 +1,193 @@
+"""Checks for chapter 06's exercises: causal self-attention, the next-token loss, sampling, and the
+open-ended pretraining experiment.
+
+Example:
+    >>> from ptcourse.checks.language_model_pretraining import check_causal_attention
+    >>> check_causal_attention(my_causal_attention)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import CheckResult, compare, result
+
+
+def _result(name, problem, ok_text, hint, quiet):
+    return result(name, problem is None, problem or ok_text, hint, quiet)
+
+
+# ----------------------------------------------------------------------------- causal attention
+def reference_causal_attention(q, k, v):
+    """PyTorch's fused kernel with ``is_causal=True``: the answer ``causal_attention`` must give."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _attention_cases(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 1, 4, 8), (2, 3, 7, 16), (3, 2, 12, 4), (2, 4, 1, 8)]
+    return [tuple(torch.randn(s, generator=g) * 2 for _ in range(3)) for s in shapes]
+
+
+def check_causal_attention(attention_fn, quiet=False) -> CheckResult:
+    """``attention_fn(q, k, v) -> output`` for ``q, k, v`` of shape ``[B, heads, T, d]``: causal
+    scaled dot-product attention, compared with ``F.scaled_dot_product_attention(is_causal=True)``
+    in values and gradients."""
+    return compare("check_causal_attention", attention_fn, reference_causal_attention, _attention_cases(),
+                   grad=True, quiet=quiet, atol=1e-5, rtol=1e-4,
+                   hint="scores = q @ k^T / sqrt(d); set the scores of keys *after* the query (j > i) to -inf "
+                        "with a lower-triangular mask (torch.tril) before the softmax over the keys.")
+
+
+# ----------------------------------------------------------------------------- next-token loss
+PAD = 1
+
+
+def reference_next_token_loss(logits, ids, pad_id=PAD):
+    """Mean cross-entropy of ``logits[:, t]`` against ``ids[:, t + 1]``, targets equal to ``pad_id``
+    ignored."""
+    targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _loss_cases(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for B, T, V, pad_id in [(2, 6, 11, 1), (3, 9, 7, 0), (4, 5, 13, 1)]:
+        ids = torch.randint(3, V, (B, T), generator=g)
+        lengths = torch.randint(2, T + 1, (B,), generator=g)
+        lengths[0] = T
+        ids[torch.arange(T)[None, :] >= lengths[:, None]] = pad_id      # right padding
+        logits = torch.randn(B, T, V, generator=g) * 2
+        cases.append((logits, ids, pad_id))
+    return cases
+
+
+def check_next_token_loss(loss_fn, quiet=False) -> CheckResult:
+    """``loss_fn(logits, ids, pad_id) -> scalar``: ``logits`` ``[B, T, V]`` is the model's output for
+    ``ids`` ``[B, T]`` (right-padded with ``pad_id``); the loss predicts each next token."""
+    cases = _loss_cases()
+    logits, ids, pad_id = cases[0]
+    hint = "the prediction at position t is scored against the token at t + 1: drop the last logit and the first id."
+    try:
+        got = loss_fn(*[c.clone() if torch.is_tensor(c) else c for c in cases[0]])
+    except NotImplementedError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by compare below
+        got = None
+    if torch.is_tensor(got) and got.numel() == 1:
+        flat = lambda lo, ta: F.cross_entropy(lo.reshape(-1, lo.shape[-1]), ta.reshape(-1), ignore_index=-100)
+        unshifted = flat(logits, ids.masked_fill(ids == pad_id, -100))
+        with_pad = flat(logits[:, :-1], ids[:, 1:])
+        if math.isclose(float(got), float(unshifted), rel_tol=1e-4):
+            hint = ("your loss scores position t against the token at t itself (unshifted labels): the model "
+                    "would learn to copy its input. Compare logits[:, :-1] with ids[:, 1:].")
+        elif math.isclose(float(got), float(with_pad), rel_tol=1e-4):
+            hint = "padding targets are counted: set them to -100 (ignore_index) or mask them out of the mean."
+    return compare("check_next_token_loss", loss_fn, reference_next_token_loss, cases, grad=True, quiet=quiet,
+                   hint=hint)
+
+
+# ----------------------------------------------------------------------------- sampling
+def reference_next_token_probs(logits, temperature=1.0, top_k=None):
+    """The distribution ``sample_next`` must draw from: softmax(logits / T) restricted to the
+    ``top_k`` largest logits and renormalised."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.softmax(-1)
+
+
+def check_sample_next(sample_fn, quiet=False, draws: int = 20000) -> CheckResult:
+    """``sample_fn(logits, temperature, top_k) -> ids``: ``logits`` ``[B, V]``, returns ``B`` token ids
+    drawn from :func:`reference_next_token_probs`. Judged by the frequencies of ``draws`` samples."""
+    name = "check_sample_next"
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(9, generator=g) * 1.5
+    settings = [(1.0, None), (0.5, None), (2.0, 3), (0.8, 5), (1.0, 1)]
+    torch.manual_seed(0)
+    for temperature, top_k in settings:
+        logits = row.expand(draws, -1).clone()
+        try:
+            ids = sample_fn(logits, temperature, top_k)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return _result(name, f"raised {type(err).__name__}: {err} (temperature={temperature}, top_k={top_k})",
+                           "", "take logits [B, V] and return a tensor of B token ids.", quiet)
+        if not torch.is_tensor(ids) or ids.shape not in ((draws,), (draws, 1)) or ids.is_floating_point():
+            got = f"tensor{list(ids.shape)} {ids.dtype}" if torch.is_tensor(ids) else type(ids).__name__
+            return _result(name, f"returned {got}, expected {draws} integer ids for logits [{draws}, 9]", "",
+                           "torch.multinomial(probs, 1) gives [B, 1]; .squeeze(-1) gives [B].", quiet)
+        ids = ids.reshape(-1).long()
+        if ids.min() < 0 or ids.max() >= row.numel():
+            return _result(name, "returned ids outside the vocabulary", "", "sample indices of the last dimension.", quiet)
+        freq = torch.bincount(ids, minlength=row.numel()).double() / draws
+        expected = reference_next_token_probs(row.double(), temperature, top_k)
+        outside = float(freq[expected == 0].sum())
+        where = f"(temperature={temperature}, top_k={top_k})"
+        if outside > 0:
+            return _result(name, f"{outside:.1%} of the samples are outside the top {top_k} tokens {where}", "",
+                           "set the logits below the k-th largest to -inf before the softmax.", quiet)
+        err = float((freq - expected).abs().max())
+        if err > 0.02:
+            hint = "sample from softmax(logits / temperature): divide by the temperature, do not multiply."
+            greedy = torch.zeros_like(expected)
+            greedy[expected.argmax()] = 1
+            if float((freq - greedy).abs().max()) < 0.01 and float(expected.max()) < 0.99:
+                hint = "you always pick the most likely token (greedy): draw with torch.multinomial instead."
+            elif float((freq - reference_next_token_probs(row.double(), 1 / temperature, top_k)).abs().max()) < 0.02:
+                pass  # multiplied instead of divided: the default hint says it
+            elif float((freq - reference_next_token_probs(row.double(), 1.0, top_k)).abs().max()) < 0.02:
+                hint = "the temperature has no effect: divide the logits by it before the softmax."
+            return _result(name, f"sample frequencies differ from the expected probabilities by up to {err:.3f} "
+                                 f"{where}", "", hint, quiet)
+    return _result(name, None, f"frequencies of {draws} draws match softmax(logits / T) with top-k for "
+                               f"{len(settings)} settings.", "", quiet)
+
+
+# ----------------------------------------------------------------------------- the open-ended experiment
+@torch.no_grad()
+def _perplexity(model, seqs, pad_id=PAD, batch_size=128):
+    from ptcourse.chapters.language_model_pretraining import perplexity
+    return perplexity(model, seqs, batch_size=batch_size, pad_id=pad_id)
+
+
+def check_pretraining_experiment(model, tok, corpus, steps: int, max_steps: int, target: float = 0.5,
+                                 quiet=False) -> CheckResult:
+    """Judge the outcome of a short pretraining run: its perplexity on the held-out sentences of
+    ``corpus`` (never trained on; checked here) must be at most ``target`` times the perplexity of
+    the unigram model of the training text, within ``max_steps`` optimizer steps.
+
+    Args:
+        model: a GPT (``model(ids) -> logits [B, T, V]``) with a ``context`` attribute.
+        tok: the ``tokenizers`` tokenizer the model was trained with.
+        corpus: the :class:`~ptcourse.chapters.language_model_pretraining.Corpus` it was trained on.
+        steps: how many optimizer steps the run took.
+    """
+    from ptcourse.chapters.language_model_pretraining import encode_sentences, encode_stream, unigram_perplexity
+    name = "check_pretraining_experiment"
+    train = set(corpus.train)
+    overlap = sum(s in train for s in corpus.heldout)
+    if overlap:
+        return _result(name, f"{overlap} held-out sentences are in the training text", "",
+                       "build the corpus with prepare_corpus: held-out sentences must never be trained on.", quiet)
+    if steps > max_steps:
+        return _result(name, f"{steps} steps is over the budget of {max_steps}", "",
+                       "the experiment is about doing better *within* the budget: change the recipe, not the length.",
+                       quiet)
+    heldout = encode_sentences(tok, corpus.heldout, model.context - 1)
+    ppl = _perplexity(model, heldout)
+    unigram = unigram_perplexity(encode_stream(tok, corpus.train), heldout, tok.get_vocab_size())
+    ratio = ppl / unigram
+    ok = f"held-out perplexity {ppl:.1f} = {ratio:.2f} x the unigram model's {unigram:.1f} (target <= {target}) " \
+         f"in {steps} steps."
+    if ratio <= target:
+        return _result(name, None, ok, "", quiet)
+    return _result(name, f"held-out perplexity {ppl:.1f} is {ratio:.2f} x the unigram model's {unigram:.1f}; the "
+                         f"target is {target} (perplexity {target * unigram:.1f}), {ratio / target:.2f}x too high",
+                   "", "look at the initialisation of the embeddings (tied to the output layer) and the learning rate.",
+                   quiet)
