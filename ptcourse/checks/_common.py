@@ -191,3 +191,52 @@ def split_trials(name: str, trials, model_key: str, what: str, quiet: bool = Fal
         return result(name, False, f"put exactly one scratch baseline in `trials` (found {len(scratch)}): a dict "
                                    f"with 'scratch': True for the {what} trained from scratch.", quiet=quiet)
     return scratch[0], [i for i, t in enumerate(trials) if not t.get("scratch")]
+
+
+class SealedTestLab:
+    """What the open-ended experiments' labs share: the validation accuracy a student selects on, and
+    a sealed test split that the check scores each model on (remembered by :func:`fingerprint`, so a
+    second look at the test split is noticed). Subclasses set ``x_val``, ``y_val`` and ``_tested = {}``
+    and define ``_test_split()``."""
+
+    batch_size = 500
+
+    def val_accuracy(self, model) -> float:
+        """Accuracy of ``model`` on the validation split (what you select on)."""
+        return tensor_accuracy(model, self.x_val, self.y_val, self.batch_size)
+
+    def _verified_val(self, name, trials, model_key, quiet=False):
+        """Each trial's validation accuracy, recomputed; a failed CheckResult if a recorded one differs."""
+        val = {}
+        for i, t in enumerate(trials):
+            acc = self.val_accuracy(t[model_key])
+            if abs(float(t["val_acc"]) - acc) > 1e-6:
+                return result(name, False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
+                                           f"accuracy is {acc:.4f}.",
+                              hint="score every trial with lab.val_accuracy: selecting on any other split (the test "
+                                   "split above all) is not allowed.", quiet=quiet)
+            val[i] = acc
+        return val
+
+    def _test_accuracy(self, model) -> float:
+        x, y = self._test_split()
+        acc = tensor_accuracy(model, x, y, self.batch_size)
+        self._tested.setdefault(fingerprint(model), acc)
+        return acc
+
+
+def train_on_tensors(net, x, y, epochs: int, lr: float, seed: int, batch_size: int = 64):
+    """The labs' own quick training (Adam, cross-entropy, shuffled mini-batches from in-memory tensors)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for k in range(0, len(y), batch_size):
+            i = perm[k:k + batch_size]
+            loss = F.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import CheckResult, compare, fingerprint, split_trials, tensor_accuracy
+from ._common import CheckResult, SealedTestLab, compare, split_trials, train_on_tensors
 from ._common import result as _report
 
 __all__ = ["check_softmax_t", "check_distillation_loss", "check_latency", "DistillLab", "check_experiment"]
@@ -177,7 +177,7 @@ def check_latency(student_fn, quiet=False) -> CheckResult:
 
 # --------------------------------------------------------------------------- the open-ended experiment
 
-class DistillLab:
+class DistillLab(SealedTestLab):
     """The data of the open-ended experiment (MNIST): a trained teacher, a student's few labels,
     unlabelled transfer images, a validation split, and a sealed test split.
 
@@ -221,35 +221,16 @@ class DistillLab:
 
     @staticmethod
     def _train_teacher(x, y, epochs, seed):
-        g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(),
                                   torch.nn.Linear(512, 10))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=g)
-            for k in range(0, len(y), 64):
-                i = perm[k:k + 64]
-                loss = F.cross_entropy(net(x[i]), y[i])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        return net.eval()
+        return train_on_tensors(net, x, y, epochs, lr=1e-3, seed=seed).eval()
 
-    @staticmethod
-    def _accuracy(model, x, y) -> float:
-        return tensor_accuracy(model, x, y, batch_size=1000)
+    batch_size = 1000
 
-    def val_accuracy(self, student) -> float:
-        """Accuracy of ``student`` on the validation split (what you select on)."""
-        return self._accuracy(student, self.x_val, self.y_val)
-
-    def _test_accuracy(self, student) -> float:
+    def _test_split(self):
         from ..data import load
-        x_test, y_test = load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
-        acc = self._accuracy(student, x_test, y_test)
-        self._tested.setdefault(fingerprint(student), acc)
-        return acc
+        return load("mnist", "test", limit=self.n_test, seed=self._seed).tensors()
 
 
 def check_experiment(lab: DistillLab, trials: list, chosen, quiet: bool = False, bar: float = 0.01) -> CheckResult:
@@ -281,15 +262,9 @@ def check_experiment(lab: DistillLab, trials: list, chosen, quiet: bool = False,
     if len(settings) < 4:
         return result(name, False, f"a search needs at least four (T, alpha) settings; you tried {len(settings)}.",
                       hint="try several temperatures (e.g. 1 to 10) and two or more alphas.", quiet=quiet)
-    val = {}
-    for i, t in enumerate(trials):
-        acc = lab.val_accuracy(t["student"])
-        if abs(float(t["val_acc"]) - acc) > 1e-6:
-            return result(name, False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
-                                       f"accuracy is {acc:.4f}.",
-                          hint="score every trial with lab.val_accuracy: selecting on any other split (the test "
-                               "split above all) is not allowed.", quiet=quiet)
-        val[i] = acc
+    val = lab._verified_val(name, trials, "student", quiet)
+    if isinstance(val, CheckResult):
+        return val
     if not isinstance(chosen, int) or chosen not in kd:
         return result(name, False, f"`chosen` must be the index of one of your distilled trials {kd}.", quiet=quiet)
     best = max(kd, key=lambda i: val[i])

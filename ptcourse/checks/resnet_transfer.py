@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from ._common import CheckResult, compare, fingerprint, result, split_trials, tensor_accuracy
+from ._common import CheckResult, SealedTestLab, compare, result, split_trials, train_on_tensors
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
            "TransferLab", "check_experiment"]
@@ -235,7 +235,7 @@ class LabNet(nn.Module):
 
 
 
-class TransferLab:
+class TransferLab(SealedTestLab):
     """The data of the open-ended experiment: transfer from MNIST digits 0-4 to digits 5-9.
 
     * **source task** (pretraining, done here once): :class:`LabNet` trained on ``n_source`` labelled
@@ -272,19 +272,7 @@ class TransferLab:
         self.per_class, self.n_test, self._seed, self._tested = per_class, n_test, seed, {}
         self.profile = profile().name
         torch.manual_seed(seed)
-        net = LabNet(5)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        g = torch.Generator().manual_seed(seed)
-        xs, ys = x[src], y[src]
-        net.train()
-        for _ in range(source_epochs):
-            perm = torch.randperm(len(ys), generator=g)
-            for k in range(0, len(ys), 64):
-                i = perm[k:k + 64]
-                loss = F.cross_entropy(net(xs[i]), ys[i])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        net = train_on_tensors(LabNet(5), x[src], y[src], source_epochs, lr=2e-3, seed=seed)
         self.source_state = copy.deepcopy(net.state_dict())
 
     def pretrained(self, seed: int = 0) -> LabNet:
@@ -300,21 +288,11 @@ class TransferLab:
         torch.manual_seed(seed)
         return LabNet(5)
 
-    @staticmethod
-    def _accuracy(model, x, y) -> float:
-        return tensor_accuracy(model, x, y, batch_size=500)
-
-    def val_accuracy(self, model) -> float:
-        """Accuracy on the validation split of the target task (what you select on)."""
-        return self._accuracy(model, self.x_val, self.y_val)
-
-    def _test_accuracy(self, model) -> float:
+    def _test_split(self):
         from ..data import load
         x, y = load("mnist", "test").tensors()
         keep = torch.nonzero(y >= 5).flatten()[:self.n_test]
-        acc = self._accuracy(model, x[keep], y[keep] - 5)
-        self._tested.setdefault(fingerprint(model), acc)
-        return acc
+        return x[keep], y[keep] - 5
 
 
 def check_experiment(lab: TransferLab, trials: list, chosen, quiet: bool = False, bar: float = 0.0) -> CheckResult:
@@ -342,14 +320,9 @@ def check_experiment(lab: TransferLab, trials: list, chosen, quiet: bool = False
     if len(schedules) < 3 or any(not trials[i].get("schedule") for i in tuned):
         return result(name, False, f"compare at least three fine-tuning schedules, each described in its 'schedule' "
                                    f"key (found {len(schedules)} distinct).", quiet=quiet)
-    val = {}
-    for i, t in enumerate(trials):
-        acc = lab.val_accuracy(t["model"])
-        if abs(float(t["val_acc"]) - acc) > 1e-6:
-            return result(name, False, f"trial {i} records val_acc {float(t['val_acc']):.4f}, but its validation "
-                                       f"accuracy is {acc:.4f}.",
-                          hint="score every trial with lab.val_accuracy; select on validation only.", quiet=quiet)
-        val[i] = acc
+    val = lab._verified_val(name, trials, "model", quiet)
+    if isinstance(val, CheckResult):
+        return val
     if not isinstance(chosen, int) or chosen not in tuned:
         return result(name, False, f"`chosen` must be the index of one of your fine-tuning trials {tuned}.",
                       quiet=quiet)
