@@ -97,11 +97,15 @@ def curves(series: dict, xlabel="epoch", ylabel="", title=None, x=None):
 
 
 def accuracy_vs_labels(budgets, results: dict, title="accuracy vs labels per class"):
-    """Mean +- spread over seeds per method: ``results = {"scratch": [[seed accs] per budget], ...}``."""
+    """Mean +- sample standard deviation (ddof=1, as in the chapters' tables) over seeds per method.
+
+    ``results = {"scratch": [[seed accs] per budget], ...}``; a budget with one seed gets no error bar.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, per_budget in results.items():
         arr = [np.asarray(v, dtype=float) for v in per_budget]
-        mean = np.array([a.mean() for a in arr]); std = np.array([a.std() for a in arr])
+        mean = np.array([a.mean() for a in arr])
+        std = np.array([a.std(ddof=1) if a.size > 1 else 0.0 for a in arr])
         ax.errorbar(budgets, mean, yerr=std, marker="o", capsize=3, label=name)
     ax.set_xscale("log"); ax.set_xticks(budgets); ax.set_xticklabels([str(b) for b in budgets])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no stray "6x10^0" labels between budgets

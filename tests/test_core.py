@@ -55,3 +55,18 @@ def test_doctor_reports_what_a_ta_needs(capsys):
     for key in ("torch", "profile", "data cache", "HF hub cache", "jupyterlab_widgets"):
         assert key in out
     assert torch.__version__.startswith(info["versions"]["torch"])
+
+
+def test_accuracy_vs_labels_error_bars_are_the_sample_sd_the_tables_print():
+    # the plot and the chapters' tables must agree on the spread: sample sd (ddof=1) over seeds
+    import matplotlib
+    matplotlib.use("Agg")
+    import numpy as np
+    from ptcourse import plots
+    seeds = [[0.5, 0.6, 0.7], [0.8]]          # three seeds at one budget, one at the other
+    fig = plots.accuracy_vs_labels([10, 100], {"m": seeds})
+    bars = fig.axes[0].containers[0]          # the ErrorbarContainer of the one method
+    segments = bars.lines[2][0].get_segments()
+    half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments]
+    assert half[0] == pytest.approx(np.std(seeds[0], ddof=1))     # 0.1, not ddof=0's 0.0816
+    assert half[1] == 0.0
