@@ -33,9 +33,26 @@ def test_download_offline_reports_present_and_missing(tmp_path, monkeypatch, cap
     assert "damaged" in capsys.readouterr().out
 
 
+def _code_of_notebooks():
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    cells = [c.source for d in ("chapters", "solutions") for p in sorted((root / d).glob("*.ipynb"))
+             for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code"]
+    return "\n".join(cells), re
+
+
 def test_download_profiles_name_what_the_notebooks_need():
-    assert set(lab.DATASETS_FOR["smoke"]) <= set(lab.DATASETS_FOR["gpu"]) and "sst2" in lab.DATASETS_FOR["gpu"]
-    assert "bert-base-uncased" in lab.HF_MODELS_FOR["gpu"]
+    # a lab runs `download --profile X` online once, then every notebook offline: whatever the notebooks'
+    # code loads in profile X must be in X's lists (chapter 06 loads SST-2 in every profile)
+    code, re = _code_of_notebooks()
+    datasets = set(re.findall(r'data\.load\("(\w+)"', code))
+    assert datasets >= {"mnist", "cifar10", "rotten_tomatoes", "sst2"}
+    for profile in ("smoke", "cpu", "gpu"):
+        assert datasets <= set(lab.DATASETS_FOR[profile]), (profile, datasets - set(lab.DATASETS_FOR[profile]))
+        picked = set(re.findall(rf'\b{profile}="([\w.-]+/[\w.-]+|bert-[\w-]+)"', code))
+        always = set(re.findall(r'from_pretrained\("([\w.-]+/[\w.-]+)"\)', code))
+        assert picked and picked | always <= set(lab.HF_MODELS_FOR[profile]), (profile, picked | always)
     rows = lab.download(["imagenet"], "cpu", offline=True)
     assert rows[0][2] == "unknown"
 

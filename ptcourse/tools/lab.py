@@ -17,12 +17,14 @@ from .. import data
 from ..results import fmt
 
 # what each profile's notebooks need
-DATASETS_FOR = {"smoke": ["mnist", "cifar10", "rotten_tomatoes"],
-                "cpu": ["mnist", "cifar10", "rotten_tomatoes"],
+# (tests/test_lab.py checks these lists against the dataset and model names in the notebooks' code)
+DATASETS_FOR = {"smoke": ["mnist", "cifar10", "rotten_tomatoes", "sst2"],
+                "cpu": ["mnist", "cifar10", "rotten_tomatoes", "sst2"],
                 "gpu": ["mnist", "cifar10", "rotten_tomatoes", "sst2"]}
 HF_MODELS_FOR = {"smoke": ["sentence-transformers/all-MiniLM-L6-v2"],
                  "cpu": ["sentence-transformers/all-MiniLM-L6-v2"],
-                 "gpu": ["sentence-transformers/all-MiniLM-L6-v2", "bert-base-uncased"]}
+                 "gpu": ["sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L12-v2",
+                         "bert-base-uncased"]}
 TORCHVISION_WEIGHTS = ["ResNet18_Weights.IMAGENET1K_V1"]
 
 
