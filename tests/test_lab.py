@@ -1,5 +1,7 @@
 """The lab commands: `python -m ptcourse download` and `python -m ptcourse run`."""
 import json
+import os
+import time
 
 import nbformat
 import numpy as np
@@ -86,3 +88,60 @@ def test_run_executes_records_skips_and_fails(tmp_path, capsys):
     assert cli(["run", "01", "--force", "--profile", "smoke", "--root", str(tmp_path), "--out", str(out)]) == 0
     assert "run   chapters/01_ok.ipynb" in capsys.readouterr().out
     assert cli(["run", "07", "--root", str(tmp_path), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_run_says_why_a_kernel_died_and_shows_a_native_crash(tmp_path, capsys):
+    # a native crash (here a NULL read through ctypes) and an outside kill (what the out-of-memory
+    # killer does) both end as "the kernel died"; the runner must say which, and where
+    (tmp_path / "chapters").mkdir()
+    _notebook(tmp_path / "chapters" / "01_segv.ipynb", ["x = 1", "import ctypes\nctypes.string_at(0)"])
+    _notebook(tmp_path / "chapters" / "02_killed.ipynb", ["import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"])
+    rows = lab.run_notebooks(lab.find_notebooks(tmp_path), "smoke", tmp_path / "runs", echo=lambda *a: None)
+    segv, killed = rows
+    assert segv["status"] == "failed" and "the kernel died in cell 1 (SIGSEGV" in segv["error"]
+    assert "Fatal Python error: Segmentation fault" in segv["error"]        # faulthandler's traceback
+    assert "string_at" in segv["error"]                                    # ... down to the call
+    assert "the kernel died in cell 0 (SIGKILL" in killed["error"] and "out-of-memory" in killed["error"]
+    assert "Fatal Python error" not in killed["error"]                     # no stale log from the first
+
+
+def test_crash_logs_reach_a_kernel_whose_stderr_is_discarded(tmp_path, monkeypatch):
+    # nbval starts kernels with stderr=/dev/null; conftest.py gives them this environment, so a
+    # native crash in a notebook under CI still leaves its traceback in a file
+    from jupyter_client.manager import start_new_kernel
+    import os
+    for name, value in lab.kernel_crash_logs(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    km, kc = start_new_kernel(kernel_name="python3", stderr=open(os.devnull, "w"))
+    try:
+        kc.execute("import faulthandler; assert faulthandler.is_enabled()\nimport ctypes; ctypes.string_at(0)")
+        for _ in range(100):
+            if not km.is_alive():
+                break
+            time.sleep(0.1)
+        assert not km.is_alive()
+    finally:
+        kc.stop_channels()
+        km.cleanup_resources()
+    assert "Segmentation fault" in lab.crash_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_nbval_report_of_a_crashed_kernel_shows_the_crash(tmp_path):
+    # the CI path: nbval runs a notebook whose kernel segfaults; conftest.py must put the crash's
+    # traceback into the failure report (nbval itself discards the kernel's stderr)
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    _notebook(tmp_path / "crash.ipynb", ["x = 1", "import ctypes\nctypes.string_at(0)"])
+    env = {k: v for k, v in os.environ.items() if k != "IPYTHONDIR"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "--nbval-lax", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", "-o", "addopts=", str(tmp_path / "crash.ipynb")],   # the cell timeout stays 2000 s
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "the kernel died while running this cell (SIGSEGV" in proc.stdout     # at once, not after the timeout
+    assert "kernel crash (faulthandler)" in proc.stdout and "Segmentation fault" in proc.stdout
+    assert "string_at" in proc.stdout

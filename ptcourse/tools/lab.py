@@ -126,6 +126,62 @@ def find_notebooks(root: Path, names=None) -> list[Path]:
     return out
 
 
+def kernel_crash_logs(folder) -> dict:
+    """Environment variables under which a kernel writes the traceback of a native crash to ``folder``.
+
+    A kernel that crashes in native code (a segmentation fault in a C extension) dies without a
+    Python traceback: the notebook only says that the kernel died, and nbval even discards the
+    kernel's stderr. Kernels started with this environment run an IPython startup file that turns
+    on :mod:`faulthandler`, writing into ``folder/kernel-<pid>.log``; :func:`crash_report` reads
+    them back.
+
+    Example:
+        >>> os.environ.update(kernel_crash_logs(tmp))     # then start kernels (nbclient, nbval)
+        >>> print(crash_report(tmp))                      # after one died
+    """
+    folder = Path(folder).resolve()
+    startup = folder / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "00-crash-log.py").write_text(
+        "# written by ptcourse.tools.lab.kernel_crash_logs: a native crash leaves its traceback here\n"
+        "import faulthandler as _fh, os as _os\n"
+        f"_fh.enable(open(_os.path.join({str(folder)!r}, f'kernel-{{_os.getpid()}}.log'), 'w'))\n"
+        "del _fh, _os\n")
+    return {"IPYTHONDIR": str(folder / "ipython")}
+
+
+def crash_report(folder, max_lines: int = 25) -> str:
+    """The crashes logged in ``folder`` (see :func:`kernel_crash_logs`): for each, the error and the
+    stack of the thread that crashed (the cell's code is in it); the whole log is in the file."""
+    texts = []
+    for log in sorted(Path(folder).glob("kernel-*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        if not lines:
+            continue
+        start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 1)
+        stack = lines[start:]
+        stack = stack[:stack.index("")] if "" in stack else stack
+        cell = next((i for i, line in enumerate(stack) if "/ipykernel_" in line), None)
+        stack = stack if cell is None else stack[:cell + 1]      # down to the cell; the kernel's own frames after
+        texts.append("\n".join([lines[0], *stack[:max_lines], f"(all threads: {log})"]))
+    return "\n".join(texts)
+
+
+def why_dead(exit_code) -> str:
+    """A kernel's exit code in words: what killed it, and what to do."""
+    import signal
+    if exit_code is None or exit_code >= 0:
+        return f"exit code {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    advice = {"SIGKILL": "killed from outside, most often by the out-of-memory killer: check `dmesg`, close "
+                         "other notebooks or use a smaller profile",
+              "SIGSEGV": "a crash in native code: the traceback of the crash is below"}
+    return f"{name}: {advice.get(name, 'killed by a signal')}"
+
+
 def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = False, timeout: int = 1800,
                   echo=print) -> list[dict]:
     """Execute notebooks in fresh kernels; executed copies and ``status.json`` go to ``out_dir``.
@@ -136,7 +192,7 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +200,9 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     results_dir = out_dir / "results"
     env_before = dict(os.environ)
-    os.environ.update(PTCOURSE_PROFILE=profile_name, PTCOURSE_RESULTS=str(results_dir.resolve()))
+    crash_dir = out_dir / "kernel-logs"
+    os.environ.update(PTCOURSE_PROFILE=profile_name, PTCOURSE_RESULTS=str(results_dir.resolve()),
+                      **kernel_crash_logs(crash_dir))
     rows = []
     try:
         for path in notebooks:
@@ -156,16 +214,26 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
                 continue
             echo(f"run   {key} ({profile_name}) ...")
             nb = nbformat.read(path, as_version=4)
-            progress = {"cell": None}
+            progress = {"cell": None, "km": None}
+            for old in crash_dir.glob("kernel-*.log"):
+                old.unlink()
             client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                     resources={"metadata": {"path": str(path.parent)}},
+                                    on_notebook_start=lambda notebook: progress.update(km=client.km),
                                     on_cell_start=lambda cell, cell_index: progress.update(cell=cell_index))
             t0, error = time.time(), None
             try:
                 client.execute()
             except CellExecutionError as err:
                 error = f"{err.ename}: {err.evalue}"[:300]
-            except Exception as err:  # noqa: BLE001 - a dead kernel, a timeout, ...
+            except DeadKernelError:
+                process = getattr(getattr(progress["km"], "provisioner", None), "process", None)
+                code = process.poll() if process is not None else None
+                error = f"the kernel died in cell {progress['cell']} ({why_dead(code)})"
+                crash = crash_report(crash_dir)
+                if crash:
+                    error += "\n" + crash
+            except Exception as err:  # noqa: BLE001 - a timeout, a kernel that did not start, ...
                 error = f"{type(err).__name__} in cell {progress['cell']}: {err}"[:300]
             dest = out_dir / path.parent.name / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
