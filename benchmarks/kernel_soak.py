@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -78,9 +79,10 @@ def main(argv=None) -> int:
           "| pyzmq", version("pyzmq"), "| nbclient", version("nbclient"))
     print(f"load average at the start: {os.getloadavg()[0]:.1f}; {args.loops} loop(s), profile {args.profile}")
     deadline = time.time() + 60 * args.minutes
-    queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=loop, args=(w, args.notebooks, args.profile, deadline,
-                                                                 args.rounds, args.cell_timeout, queue))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=loop, args=(w, args.notebooks, args.profile, deadline, args.rounds,
+                                            args.cell_timeout, queue))
              for w in range(args.loops)]
     for p in procs:
         p.start()
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     for nb in args.notebooks:
         key = f"{Path(nb).parent.name}/{Path(nb).name}"
         n = sum(counts[(key, w)] for w in ("passed", "died", "hung", "failed"))
-        med = sorted(walls.get(key, [0]))[len(walls.get(key, [0])) // 2]
+        med = statistics.median(walls.get(key, [0]))
         print(f"{key:45s} {n:5d} {counts[(key, 'passed')]:7d} {counts[(key, 'died')]:5d} "
               f"{counts[(key, 'hung')]:5d} {counts[(key, 'failed')]:7d} {med:9.0f}")
     bad = sum(v for (nb, w), v in counts.items() if w != "passed")
