@@ -47,8 +47,8 @@ def _fail_fast_when_a_kernel_dies():
             except Empty:
                 if not self.is_alive():
                     process = getattr(getattr(self.km, "provisioner", None), "process", None)
-                    raise RuntimeError("the kernel died while running this cell ("
-                                       + why_dead(process.poll() if process is not None else None) + ")") from None
+                    code, pid = (process.poll(), process.pid) if process is not None else (None, None)
+                    raise RuntimeError(f"the kernel died while running this cell ({why_dead(code, pid)})") from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 

@@ -106,6 +106,71 @@ def test_run_says_why_a_kernel_died_and_shows_a_native_crash(tmp_path, capsys):
     assert "Fatal Python error" not in killed["error"]                     # no stale log from the first
 
 
+def test_system_log_names_the_process_and_its_kill():
+    # lines in the formats Linux writes (copied from this machine's dmesg after a real memory-cgroup
+    # kill): only the lines about the given process come back, and SIGKILL is called what it was
+    log = ("[55654.926346] oom-kill:constraint=CONSTRAINT_MEMCG,task_memcg=/x,task=python,pid=10958,uid=0\n"
+           "[55654.926411] Memory cgroup out of memory: Killed process 10958 (python) anon-rss:1204172kB\n"
+           "[55655.000001] Memory cgroup out of memory: Killed process 109580 (python) anon-rss:1kB\n"
+           "[55656.000000] python[10958]: segfault at 0 ip 00007f00 sp 00007ffc error 4 in libc.so.6\n")
+    said = lab.system_log(10958, read=lambda: log)
+    assert len(said) == 3 and not any("109580" in line for line in said)
+    assert lab.system_log(4321, read=lambda: log) == []
+    assert lab.system_log(4321, read=lambda: (_ for _ in ()).throw(PermissionError("dmesg"))) == []
+
+
+def _memory_cgroup(tmp_name: str, limit_bytes: int):
+    """A memory cgroup (v1 or v2) limited to ``limit_bytes``: its ``cgroup.procs`` path, or None where
+    this machine does not let us make one (not root, no writable cgroup file system)."""
+    from pathlib import Path
+    for root, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+                             (Path("/sys/fs/cgroup"), "memory.max")):
+        if not (root / "cgroup.procs").exists() or (limit_file == "memory.max"
+                                                    and not (root / "cgroup.controllers").exists()):
+            continue
+        group = root / tmp_name
+        try:
+            group.mkdir(exist_ok=True)
+            (group / limit_file).write_text(str(limit_bytes))
+            return group
+        except OSError:
+            if group.exists():
+                group.rmdir()
+    return None
+
+
+@pytest.mark.slow
+def test_run_names_an_out_of_memory_kill_from_the_system_log(tmp_path):
+    # The real thing a student meets on a laptop or Colab: the kernel's memory outgrows what the
+    # machine has and the kernel is SIGKILLed. Here the "machine" is a 1.5 GB memory cgroup around
+    # the runner and its kernel; the kernel allocates more (it must outgrow the runner, or the killer
+    # picks the runner, the larger process). Where no cgroup can be made (not root),
+    # test_system_log_names_the_process_and_its_kill covers the log reading alone.
+    import subprocess
+    import sys
+    group = _memory_cgroup(f"ptcourse-test-{os.getpid()}", 1500 * 2**20)
+    if group is None:
+        pytest.skip("cannot create a memory cgroup here (needs root and a writable /sys/fs/cgroup)")
+    (tmp_path / "chapters").mkdir()
+    _notebook(tmp_path / "chapters" / "01_hog.ipynb",
+              ["x = 1", "blocks = [b\"x\" * 64 * 2**20 for _ in range(40)]   # 2.5 GB, every page written"])
+    driver = (f"from pathlib import Path\nfrom ptcourse.tools import lab\n"
+              f"rows = lab.run_notebooks([Path({str(tmp_path / 'chapters' / '01_hog.ipynb')!r})], 'smoke', "
+              f"Path({str(tmp_path / 'runs')!r}), echo=lambda *a: None)\nprint(rows[0]['error'])")
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"',
+                               sys.executable, driver], capture_output=True, text=True, timeout=120)
+    finally:
+        for _ in range(50):     # the group can be removed once its last process is reaped
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.2)
+    assert "the kernel died in cell 1 (SIGKILL: killed by the out-of-memory killer" in proc.stdout, proc.stderr[-2000:]
+    assert "system log:" in proc.stdout and "Killed process" in proc.stdout
+
+
 def test_crash_logs_reach_a_kernel_whose_stderr_is_discarded(tmp_path, monkeypatch):
     # nbval starts kernels with stderr=/dev/null; conftest.py gives them this environment, so a
     # native crash in a notebook under CI still leaves its traceback in a file

@@ -167,8 +167,36 @@ def crash_report(folder, max_lines: int = 25) -> str:
     return "\n".join(texts)
 
 
-def why_dead(exit_code) -> str:
-    """A kernel's exit code in words: what killed it, and what to do."""
+def system_log(pid: int, read=None) -> list[str]:
+    """What the operating system's log (Linux ``dmesg``) says about process ``pid``.
+
+    The out-of-memory killer names the process it kills there ("Out of memory: Killed process 4321
+    (python) ..."), so a SIGKILL's cause can be shown instead of guessed. Empty where nothing is said
+    or the log cannot be read (many systems let only root read it). ``read`` returns the log's text
+    (default: run ``dmesg``).
+
+    Example:
+        >>> system_log(4321, read=lambda: "[9.1] Out of memory: Killed process 4321 (python) anon-rss:9GB")
+        ['[9.1] Out of memory: Killed process 4321 (python) anon-rss:9GB']
+    """
+    import re
+    import subprocess
+
+    def dmesg():
+        return subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        text = (read or dmesg)()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    mentions = re.compile(rf"(Killed process {pid}\b|\bpid={pid}\b|\[{pid}\]:)")
+    return [line for line in text.splitlines() if mentions.search(line)]
+
+
+def why_dead(exit_code, pid: int | None = None) -> str:
+    """A kernel's exit code in words: what killed it, and what to do; with ``pid``, what the system
+    log says about the process (an out-of-memory kill is named there, see :func:`system_log`)."""
+    import re
     import signal
     if exit_code is None or exit_code >= 0:
         return f"exit code {exit_code}"
@@ -176,10 +204,14 @@ def why_dead(exit_code) -> str:
         name = signal.Signals(-exit_code).name
     except ValueError:
         name = f"signal {-exit_code}"
-    advice = {"SIGKILL": "killed from outside, most often by the out-of-memory killer: check `dmesg`, close "
-                         "other notebooks or use a smaller profile",
+    said = system_log(pid) if pid is not None else []
+    oom = any(re.search(r"out of memory|oom[-_]kill", line, re.IGNORECASE) for line in said)
+    advice = {"SIGKILL": ("killed by the out-of-memory killer: close other notebooks or use a smaller profile"
+                          if oom else "killed from outside, most often by the out-of-memory killer: check "
+                          "`dmesg`, close other notebooks or use a smaller profile"),
               "SIGSEGV": "a crash in native code: the traceback of the crash is below"}
-    return f"{name}: {advice.get(name, 'killed by a signal')}"
+    text = f"{name}: {advice.get(name, 'killed by a signal')}"
+    return text + "".join(f"\n  system log: {line.strip()}" for line in said[-3:])
 
 
 def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = False, timeout: int = 1800,
@@ -228,8 +260,8 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
                 error = f"{err.ename}: {err.evalue}"[:300]
             except DeadKernelError:
                 process = getattr(getattr(progress["km"], "provisioner", None), "process", None)
-                code = process.poll() if process is not None else None
-                error = f"the kernel died in cell {progress['cell']} ({why_dead(code)})"
+                code, pid = (process.poll(), process.pid) if process is not None else (None, None)
+                error = f"the kernel died in cell {progress['cell']} ({why_dead(code, pid)})"
                 crash = crash_report(crash_dir)
                 if crash:
                     error += "\n" + crash
