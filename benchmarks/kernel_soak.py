@@ -19,6 +19,14 @@ Usage::
 
     python benchmarks/kernel_soak.py --minutes 25 --loops 2
     python benchmarks/kernel_soak.py --notebooks chapters/05_knowledge_distillation.ipynb --rounds 10
+
+To compare versions of the course, ``--checkout`` runs the notebooks of another checkout (say a
+``git worktree`` of an older commit) with that checkout's ``ptcourse`` imported in the kernels; the
+driver stays this one. To compare kernels, run the script with the Python of another virtual
+environment: kernels start with the interpreter that runs the script::
+
+    git worktree add /tmp/old <commit>
+    /path/to/other-venv/bin/python benchmarks/kernel_soak.py --checkout /tmp/old --loops 2
 """
 from __future__ import annotations
 
@@ -50,10 +58,12 @@ def outcome(row: dict) -> str:
 
 
 def loop(worker: int, notebooks: list[str], profile: str, deadline: float, rounds: int, cell_timeout: int,
-         queue) -> None:
+         queue, checkout: Path = ROOT) -> None:
     """One sequence after another until the deadline or the round count; each row goes to ``queue``."""
     from ptcourse.tools import lab
-    paths = [ROOT / nb for nb in notebooks]
+    if checkout != ROOT:    # the kernels import the other checkout's ptcourse (this process keeps its own)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+    paths = [checkout / nb for nb in notebooks]
     done = 0
     while time.time() < deadline and (rounds <= 0 or done < rounds):
         with tempfile.TemporaryDirectory(prefix=f"soak{worker}-") as out:
@@ -73,16 +83,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="rounds per loop (0: until --minutes)")
     ap.add_argument("--loops", type=int, default=1, help="sequences running side by side")
     ap.add_argument("--cell-timeout", type=int, default=300, help="seconds before a cell counts as hung")
+    ap.add_argument("--checkout", type=Path, default=ROOT,
+                    help="run the notebooks (and ptcourse) of this checkout of the course, e.g. an old commit's worktree")
     args = ap.parse_args(argv)
+    args.checkout = args.checkout.resolve()
 
     print("ipykernel", version("ipykernel"), "| jupyter_client", version("jupyter_client"),
-          "| pyzmq", version("pyzmq"), "| nbclient", version("nbclient"))
+          "| pyzmq", version("pyzmq"), "| nbclient", version("nbclient"), "| torch", version("torch"))
+    if args.checkout != ROOT:
+        print("notebooks and kernel-side ptcourse from", args.checkout)
     print(f"load average at the start: {os.getloadavg()[0]:.1f}; {args.loops} loop(s), profile {args.profile}")
     deadline = time.time() + 60 * args.minutes
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=loop, args=(w, args.notebooks, args.profile, deadline, args.rounds,
-                                            args.cell_timeout, queue))
+                                            args.cell_timeout, queue, args.checkout))
              for w in range(args.loops)]
     for p in procs:
         p.start()
