@@ -57,6 +57,25 @@ def outcome(row: dict) -> str:
     return "failed"
 
 
+def slowest_cell(executed: str) -> tuple[int | None, float]:
+    """(index, seconds) of the slowest code cell of an executed notebook, from nbclient's timestamps:
+    a run much slower than the others shows where it stalled."""
+    import json
+    from datetime import datetime
+    try:
+        cells = json.loads(Path(executed).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None, 0.0
+    best = (None, 0.0)
+    for i, cell in enumerate(cells):
+        ex = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in ex and "shell.execute_reply" in ex:
+            took = (datetime.fromisoformat(ex["shell.execute_reply"].replace("Z", "+00:00"))
+                    - datetime.fromisoformat(ex["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
+            best = max(best, (i, took), key=lambda b: b[1])
+    return best
+
+
 def loop(worker: int, notebooks: list[str], profile: str, deadline: float, rounds: int, cell_timeout: int,
          queue, checkout: Path = ROOT) -> None:
     """One sequence after another until the deadline or the round count; each row goes to ``queue``."""
@@ -69,8 +88,9 @@ def loop(worker: int, notebooks: list[str], profile: str, deadline: float, round
         with tempfile.TemporaryDirectory(prefix=f"soak{worker}-") as out:
             rows = lab.run_notebooks(paths, profile, Path(out), force=True, timeout=cell_timeout,
                                      echo=lambda *_: None)
-        for row in rows:
-            queue.put((worker, done, row["notebook"], outcome(row), row["wall_s"], row["error"]))
+            slowest = [slowest_cell(row["output"]) for row in rows]
+        for row, (cell, took) in zip(rows, slowest):
+            queue.put((worker, done, row["notebook"], outcome(row), row["wall_s"], cell, took, row["error"]))
         done += 1
     queue.put(None)
 
@@ -107,11 +127,11 @@ def main(argv=None) -> int:
         if item is None:
             finished += 1
             continue
-        worker, rnd, nb, what, wall, error = item
+        worker, rnd, nb, what, wall, cell, took, error = item
         counts[(nb, what)] += 1
         walls.setdefault(nb, []).append(wall)
-        print(f"loop {worker} round {rnd:2d}  {nb:45s} {what:7s} {wall:6.0f} s" + (f"  {error}" if error else ""),
-              flush=True)
+        print(f"loop {worker} round {rnd:2d}  {nb:45s} {what:7s} {wall:6.0f} s  slowest cell {cell}: {took:5.0f} s"
+              + (f"  {error}" if error else ""), flush=True)
     for p in procs:
         p.join()
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
