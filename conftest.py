@@ -46,9 +46,7 @@ def _fail_fast_when_a_kernel_dies():
                 return wait(self, msg_id, timeout=left)
             except Empty:
                 if not self.is_alive():
-                    process = getattr(getattr(self.km, "provisioner", None), "process", None)
-                    code, pid = (process.poll(), process.pid) if process is not None else (None, None)
-                    raise RuntimeError(f"the kernel died while running this cell ({why_dead(code, pid)})") from None
+                    raise RuntimeError(f"the kernel died while running this cell ({why_dead(self.km)})") from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 

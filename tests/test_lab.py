@@ -120,8 +120,8 @@ def test_system_log_names_the_process_and_its_kill():
 
 
 def _memory_cgroup(tmp_name: str, limit_bytes: int):
-    """A memory cgroup (v1 or v2) limited to ``limit_bytes``: its ``cgroup.procs`` path, or None where
-    this machine does not let us make one (not root, no writable cgroup file system)."""
+    """A memory cgroup (v1 or v2) limited to ``limit_bytes``: its folder, or None where this machine
+    does not let us make one (not root, no writable cgroup file system)."""
     from pathlib import Path
     for root, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
                              (Path("/sys/fs/cgroup"), "memory.max")):

@@ -193,18 +193,21 @@ def system_log(pid: int, read=None) -> list[str]:
     return [line for line in text.splitlines() if mentions.search(line)]
 
 
-def why_dead(exit_code, pid: int | None = None) -> str:
-    """A kernel's exit code in words: what killed it, and what to do; with ``pid``, what the system
-    log says about the process (an out-of-memory kill is named there, see :func:`system_log`)."""
+def why_dead(kernel_manager) -> str:
+    """Why the kernel of a ``jupyter_client`` kernel manager died, in words: its exit code or the signal
+    that killed it, what to do, and what the system log says about its process (an out-of-memory kill
+    is named there, see :func:`system_log`)."""
     import re
     import signal
+    process = getattr(getattr(kernel_manager, "provisioner", None), "process", None)
+    exit_code = process.poll() if process is not None else None
     if exit_code is None or exit_code >= 0:
         return f"exit code {exit_code}"
     try:
         name = signal.Signals(-exit_code).name
     except ValueError:
         name = f"signal {-exit_code}"
-    said = system_log(pid) if pid is not None else []
+    said = system_log(process.pid)
     oom = any(re.search(r"out of memory|oom[-_]kill", line, re.IGNORECASE) for line in said)
     advice = {"SIGKILL": ("killed by the out-of-memory killer: close other notebooks or use a smaller profile"
                           if oom else "killed from outside, most often by the out-of-memory killer: check "
@@ -259,9 +262,7 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
             except CellExecutionError as err:
                 error = f"{err.ename}: {err.evalue}"[:300]
             except DeadKernelError:
-                process = getattr(getattr(progress["km"], "provisioner", None), "process", None)
-                code, pid = (process.poll(), process.pid) if process is not None else (None, None)
-                error = f"the kernel died in cell {progress['cell']} ({why_dead(code, pid)})"
+                error = f"the kernel died in cell {progress['cell']} ({why_dead(progress['km'])})"
                 crash = crash_report(crash_dir)
                 if crash:
                     error += "\n" + crash
