@@ -109,6 +109,17 @@ def _run(args, env=None, timeout=300):
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _why_failed(run) -> str:
+    """What a failed subprocess said about why: the first Python traceback in its stderr (under
+    ``torchrun``, the worker that failed first; the launcher's own traceback and its summary come
+    after it) and the last lines (torchrun's "Root Cause" summary)."""
+    err = run.stderr
+    first = err.find("Traceback (most recent call last)")
+    head = err[first:first + 2500] if first >= 0 else ""
+    return f"exit status {run.returncode}\n{head}\n...\n{err[-800:]}" if head else \
+        f"exit status {run.returncode}\n{run.stdout[-800:]}{err[-1500:]}"
+
+
 def check_resume(device, folder: Path):
     """A run killed (SIGKILL) at a random mid-epoch step, resumed from its checkpoint, against an
     uninterrupted run in the same process as the resume."""
@@ -117,9 +128,9 @@ def check_resume(device, folder: Path):
     me = [sys.executable, "-m", "ptcourse.tools.selftest", "--worker", "resume", str(folder), str(device)]
     killed = _run(me + ["--kill-at", str(kill_at)])
     assert killed.returncode == -signal.SIGKILL, \
-        f"the run to kill ended with {killed.returncode}: {killed.stderr[-800:]}"
+        f"the run to kill did not die of SIGKILL: {_why_failed(killed)}"
     resumed = _run(me)
-    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    assert resumed.returncode == 0, _why_failed(resumed)
     out = torch.load(folder / "resume.pt", weights_only=True)
     diff = (out["resumed"] - out["reference"]).abs().max().item()
     exact = diff == 0 and out["steps_equal"]
@@ -137,7 +148,7 @@ def check_ddp(device, folder: Path):
     n, env = (gpus, {}) if gpus >= 2 else (2, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     run = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                 "-m", "ptcourse.tools.selftest", "--worker", "ddp", str(folder)], env=env, timeout=600)
-    assert run.returncode == 0, (run.stdout[-800:] + run.stderr[-1500:])
+    assert run.returncode == 0, _why_failed(run)
     outs = [torch.load(folder / f"ddp.rank{r}", weights_only=True) for r in range(n)]
     worlds = {o["world"] for o in outs}
     assert worlds == {n}, f"asked for {n} processes, they saw world sizes {sorted(worlds)}"
@@ -205,7 +216,7 @@ def selftest(ddp: bool = True, out=print) -> bool:
     out(f"ptcourse {ptcourse.__version__} selftest · {device_name(device)} · device {device} · "
         f"torch {torch.__version__} · python {platform.python_version()}")
     bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    rows = []
+    rows, reasons = [], []
     with tempfile.TemporaryDirectory(prefix="ptcourse-selftest-") as tmp:
         checks = [
             ("fp32", lambda: check_precision("fp32", device)),
@@ -226,14 +237,17 @@ def selftest(ddp: bool = True, out=print) -> bool:
                 detail = check()
                 rows.append((name, "pass", time.perf_counter() - t0, detail))
             except Exception as err:  # noqa: BLE001 - a failed check is a row of the table
-                detail = f"{type(err).__name__}: {err}".strip().replace("\n", " | ")
+                why = f"{type(err).__name__}: {err}".strip()
                 if not isinstance(err, AssertionError):
-                    detail += " | " + traceback.format_exc(limit=-2).strip().replace("\n", " | ")
-                rows.append((name, "FAIL", time.perf_counter() - t0, detail[:600]))
+                    why += "\n" + traceback.format_exc(limit=-2).strip()
+                rows.append((name, "FAIL", time.perf_counter() - t0, why.replace("\n", " | ")[:600]))
+                reasons.append((name, why))
     width = max(len(r[0]) for r in rows)
     out(f"{'check':{width}s}  result  {'time':>6s}  detail")
     for name, status, secs, detail in rows:
         out(f"{name:{width}s}  {status:6s}  {secs:5.1f}s  {detail}")
+    for name, why in reasons:     # the table's row is cut short; the whole reason, to report it
+        out(f"\n{name} failed:\n  " + why.replace("\n", "\n  "))
     failed = [r[0] for r in rows if r[1] == "FAIL"]
     out(f"{len(failed)} of {len(rows)} checks failed: {', '.join(failed)}" if failed else
         f"all {sum(r[1] == 'pass' for r in rows)} checks passed ({sum(r[1] == 'skip' for r in rows)} skipped)")
