@@ -5,7 +5,9 @@
 CPU). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
 evaluates an exact share of the validation set (:func:`shard_eval`), and sums numbers across
 processes (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces
-only CUDA tensors.
+only CUDA tensors. A process group that :func:`setup` joined is left again when Python exits
+(:func:`leave`), as torch requires: without it a gloo process can abort at exit ("terminate called
+without an active exception") after training finished.
 
 Example:
     >>> rank, local_rank, world = setup()
@@ -13,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -32,9 +35,20 @@ def setup(device=None) -> tuple[int, int, int]:
         if on_cuda and local_rank < torch.cuda.device_count():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if on_cuda else "gloo")
+        atexit.register(leave)  # runs before interpreter shutdown, while Python can still serve gloo's threads
     if dist.is_initialized():
         return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
     return 0, 0, 1
+
+
+def leave() -> None:
+    """Destroy the process group, if one is still there (``setup`` calls this at exit for the group it
+    joined; a group you created yourself is yours to destroy). torch asks every process to do this
+    before it exits: a gloo worker thread that still holds a finished collective's tensors when the
+    interpreter shuts down aborts the process with "terminate called without an active exception"
+    (SIGABRT), at random, after training has finished."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(device, local_rank=0, world=1) -> torch.device:

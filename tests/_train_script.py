@@ -4,9 +4,12 @@ usage: python _train_script.py OUT_FILE [--ckpt DIR] [--kill-at STEP] [--batch B
        [--loader shuffle|generator|grouped|plain] [--save-every N] [--nan-at STEP --nan-rank R] [--oom-at STEP]
 
 Writes OUT_FILE.rank<R>: the final parameters, the History and the world size, or the name of the
-error that stopped training (``--nan-at``).
+error that stopped training (``--nan-at``); and OUT_FILE.exit<R>: whether a process group was still
+there in the last exit handler Python ran (registered before ``fit``, so it runs after any that
+``fit`` registered).
 """
 import argparse
+import atexit
 import os
 import signal
 
@@ -51,6 +54,8 @@ loader = {
 }[kind]()
 rank = int(os.environ.get("RANK", "0"))
 steps = {"n": 0}
+atexit.register(lambda: open(f"{args.out}.exit{rank}", "w").write(
+    "group still there" if torch.distributed.is_initialized() else "no group"))
 
 
 def loss_fn(logits, targets):
