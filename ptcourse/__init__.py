@@ -12,7 +12,7 @@ The layers, each in one place:
   (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``distributed`` (several processes),
   ``checkpoint`` (atomic files, training state, resume), ``history``, ``losses``, ``probes``
   (frozen features, kNN, linear probes), ``plots``, ``results`` (``report`` and significance of
-  differences over seeds);
+  differences over seeds), ``compare`` (the search protocol on validation, verdicts over paired seeds);
 * **chapter helpers**: ``ptcourse.chapters.<chapter>`` and the exercise checks
   ``ptcourse.checks.<chapter>``, named like the notebooks;
 * **tooling** for TAs and maintainers: ``ptcourse.tools`` (``doctor``, ``download``, ``run``,
@@ -39,7 +39,7 @@ _API = {
     "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }
-_MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes",
+_MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes", "compare",
             "plots", "results", "chapters", "checks", "tools")
 __all__ = [*_API, *_MODULES]
 

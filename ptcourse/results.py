@@ -55,12 +55,18 @@ def _plain(value):
     return value
 
 
-def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
+def report(chapter: str, metrics: dict, *, searches=None, verdicts=None, quiet: bool = False) -> Path:
     """Write ``results/<chapter>.json``: the metrics plus profile, device, versions and wall time.
 
     The wall time is the time since ``ptcourse`` was imported (for a notebook: the whole run).
+    ``searches``: the chapter's choices on validation (:func:`ptcourse.compare.search` results, a
+    list or a dict by name); ``verdicts``: its :class:`ptcourse.compare.Verdict` list. Both go into
+    the record as they are, so that the generated "What we measured" cell and the tests can read
+    every grid, every choice at an edge and every comparison in words.
     """
     P = profile()
+    if isinstance(searches, dict):
+        searches = [s for s in searches.values()]
     record = {"chapter": chapter, "metrics": _plain(metrics), "profile": P.name, "device": str(P.device),
               "precision": P.precision, "wall_time_s": round(time.time() - STARTED, 1),
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -69,6 +75,10 @@ def report(chapter: str, metrics: dict, *, quiet: bool = False) -> Path:
               # the 1-minute load average when ptcourse was imported and now: a wall time measured
               # while other programs ran (load above cpu_count) is not the chapter's own time
               "load_avg": [LOAD_AT_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
+    if searches:
+        record["searches"] = {s.name: _plain(s.to_dict()) for s in searches}
+    if verdicts:
+        record["verdicts"] = [_plain(v.to_dict()) for v in verdicts]
     path = results_dir() / f"{chapter}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode("utf-8")))
