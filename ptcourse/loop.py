@@ -10,12 +10,12 @@ The heart of it is the loop you would write by hand::
 plus what real training needs: the device, mixed precision on CUDA, gradient accumulation and
 clipping, a per-step LR schedule, validation metrics, a progress bar, a clear stop on a NaN loss.
 What is not the loop lives beside it: several processes (DDP) in ``distributed.py``, checkpoints
-that resume exactly after a crash or a Colab disconnect in ``checkpoint.py``, the live plot in
-``history.py``.
+that resume exactly after a crash or a Colab disconnect in ``checkpoint.py``, metrics such as
+``accuracy`` in ``metrics.py``, the live plot in ``plots.py``.
 
 Example:
     >>> history = fit(model, train_loader, epochs=3, lr=1e-3, val_loader=val_loader,
-    ...               metrics={"acc": accuracy}, checkpoint_dir="checkpoints/cnn")
+    ...               metrics={"acc": ptcourse.accuracy}, checkpoint_dir="checkpoints/cnn")
     >>> history.best("val_acc")["epoch"]
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .checkpoint import Checkpointer
-from .history import History, LivePlot
+from .history import History
 from .runtime import best_device, best_precision
 
 
@@ -44,28 +44,7 @@ class OutOfMemoryAdvice(RuntimeError):
     """The device ran out of memory; the message says what to change."""
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose arg-max equals the target.
-
-    Example:
-        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])).item()
-        0.5
-    """
-    return (logits.argmax(dim=-1) == targets).float().mean()
-
-
 # ----------------------------------------------------------------------------- batches
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (a tensor shared by two layers counts once); ``trainable_only``: those
-    that require gradients.
-
-    Example:
-        >>> count_parameters(torch.nn.Linear(512, 10))
-        5130
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def to_device(batch, device):
     """Move every tensor in a (nested) tuple / list / dict to ``device``."""
     if torch.is_tensor(batch):
@@ -255,7 +234,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     start, history = ck.resume(epochs)
     n_batches, steps = len(train_loader), 0
     bar = _progress_bar(progress and rank == 0, start, epochs, n_batches)
-    live = LivePlot() if live_plot and rank == 0 else None
+    live = _live_plot(live_plot and rank == 0)
     optimizer.zero_grad(set_to_none=True)  # a .backward() in an earlier cell must not leak into step 1
     for epoch in range(start, epochs):
         distributed.set_epoch(train_loader, epoch)
@@ -415,6 +394,13 @@ def _progress_bar(show, start, epochs, n_batches):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=(epochs - start) * n_batches, desc=f"epoch {start + 1}/{epochs}", unit="batch")
+
+
+def _live_plot(show):
+    if not show:
+        return None
+    from .plots import LivePlot  # (matplotlib loads only when a live plot is asked for)
+    return LivePlot()
 
 
 def _show(bar, live, history, epoch, epochs):

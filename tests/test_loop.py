@@ -621,3 +621,10 @@ def test_count_parameters_counts_shared_tensors_once_and_can_skip_frozen_ones():
     assert count_parameters(model) == 40 + 8
     model[2].requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == 40
+
+
+def test_live_plot_redraws_after_each_epoch(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(ptcourse.plots.LivePlot, "update", lambda self, history: drawn.append(len(history)))
+    ptcourse.fit(mlp(), DataLoader(blobs(32), batch_size=8), epochs=2, live_plot=True, progress=False)
+    assert drawn == [1, 2]
