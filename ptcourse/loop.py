@@ -13,6 +13,10 @@ What is not the loop lives beside it: several processes (DDP) in ``distributed.p
 that resume exactly after a crash or a Colab disconnect in ``checkpoint.py``, metrics such as
 ``accuracy`` in ``metrics.py``, the live plot in ``plots.py``.
 
+Where each runs: ``fit`` trains on ``device=`` or else on the best device (the GPU on Colab), and
+moves the model there; ``evaluate`` and ``predict`` run on ``device=`` if given (moving the model
+there), else where the model already is (see :func:`model_device`).
+
 Example:
     >>> history = fit(model, train_loader, epochs=3, lr=1e-3, val_loader=val_loader,
     ...               metrics={"acc": ptcourse.accuracy}, checkpoint_dir="checkpoints/cnn")
@@ -21,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 
@@ -44,23 +49,64 @@ class OutOfMemoryAdvice(RuntimeError):
     """The device ran out of memory; the message says what to change."""
 
 
-# ----------------------------------------------------------------------------- batches
+# ----------------------------------------------------------------------------- devices and batches
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter, or of its first buffer; a module
+    with neither (e.g. ``nn.ReLU()``) holds nothing to move and runs anywhere: the best device.
+
+    Example:
+        >>> model_device(torch.nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else best_device()
+
+
+def _place(model, device) -> torch.device:
+    """The device ``evaluate`` and ``predict`` run on: ``device`` (the model is moved there) or else
+    the model's own, so that a model ``fit`` never saw (a teacher loaded on the CPU) is not left
+    behind while its batches go to the GPU."""
+    if device is None:
+        return model_device(model)
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
 def to_device(batch, device):
-    """Move every tensor in a (nested) tuple / list / dict to ``device``."""
+    """Move every tensor in a (nested) tuple / list / dict to ``device``.
+
+    Only a copy from the CPU to a CUDA GPU is asynchronous (``non_blocking``): CUDA has taken the
+    data, pinned or not, before the call returns. Elsewhere it is unsafe: from pageable memory to
+    Apple's MPS it can deliver corrupted data, and from a GPU to the CPU it returns before the
+    values have arrived.
+    """
+    device = torch.device(device)
     if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return batch.to(device, non_blocking=device.type == "cuda" and batch.device.type == "cpu")
+    if _is_dict(batch):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
+def _is_dict(batch) -> bool:
+    return isinstance(batch, dict) or hasattr(batch, "keys")
+
+
 def _targets(batch):
-    """The targets of a batch still on the CPU: ``labels`` of a dict, else the second item."""
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
+    """The targets of a batch: ``labels`` of a dict, the second item of a tuple or list, else None."""
+    if _is_dict(batch):
         return batch.get("labels")
     return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+
+
+def _batch_size(batch) -> int:
+    if _is_dict(batch):
+        first = batch.get("labels") if batch.get("labels") is not None else next(iter(batch.values()))
+        return len(first)
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
 
 
 def _check_labels(logits, targets):
@@ -80,31 +126,33 @@ def _check_labels(logits, targets):
                 "classes in the model's last layer and how the labels were encoded.")
 
 
+def _no_loss(logits, targets):
+    """``loss_fn`` for :func:`forward` when no loss is wanted (``predict``, metrics after ``step_fn``)."""
+    return None
+
+
 def forward(model, batch, loss_fn=None, *, cpu_targets=None):
     """Run a batch through the model: returns ``(logits, targets, loss or None)``.
 
-    A batch is either ``(inputs, targets)`` or a Hugging Face dict with ``labels``.
-    ``cpu_targets``: the targets before the batch moved to the device, for the label check.
+    A batch is ``(inputs, targets, ...)``, ``(inputs,)``, a tensor of inputs, or a Hugging Face
+    dict (``labels`` are its targets). The loss is ``loss_fn(logits, targets)``; without
+    ``loss_fn``, cross-entropy, or for a dict batch the model's own loss. ``cpu_targets``: the
+    targets before the batch moved to the device, for the label check made before a loss.
     """
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        targets = batch.get("labels")
+    targets = _targets(batch)
+    if _is_dict(batch):
         out = model(**batch)
         logits = getattr(out, "logits", out)
-        _check_labels(logits, targets if cpu_targets is None else cpu_targets)
-        if loss_fn is not None:
-            return logits, targets, loss_fn(logits, targets)
-        return logits, targets, getattr(out, "loss", None)
-    x, targets = batch[0], batch[1]
-    logits = model(x)
+    else:
+        logits = model(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    if loss_fn is _no_loss:
+        return logits, targets, None
     _check_labels(logits, targets if cpu_targets is None else cpu_targets)
-    return logits, targets, (loss_fn or F.cross_entropy)(logits, targets)
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        first = batch.get("labels") if batch.get("labels") is not None else next(iter(batch.values()))
-        return len(first)
-    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+    if loss_fn is not None:
+        return logits, targets, loss_fn(logits, targets)
+    if _is_dict(batch):
+        return logits, targets, getattr(out, "loss", None)  # the Hugging Face model's own loss
+    return logits, targets, F.cross_entropy(logits, targets)
 
 
 def _autocast(device, precision):
@@ -120,7 +168,7 @@ def _autocast(device, precision):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, precision
 
 
-# ----------------------------------------------------------------------------- evaluate
+# ----------------------------------------------------------------------------- evaluate, predict
 @torch.no_grad()
 def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=None,
              precision="auto") -> dict:
@@ -128,13 +176,15 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=
 
     With ``step_fn`` the loss is ``step_fn(model, batch)``, the objective ``fit`` trained with
     (e.g. a reconstruction or contrastive loss); metrics then still see ``model(inputs)``.
+    Runs on ``device`` if given (the model is moved there), else where the model is (under several
+    GPU processes, keep it on this process's GPU, as ``fit`` leaves it: NCCL sums only GPU tensors).
 
     Example:
         >>> evaluate(model, test_loader, {"acc": accuracy})
         {'loss': 0.31, 'acc': 0.91}
     """
-    rank, local_rank, world = distributed.setup(device)
-    device = distributed.resolve_device(device, local_rank, world)
+    rank, _, world = distributed.setup(device)
+    device = _place(model, device)
     autocast, _, _ = _autocast(device, precision)
     metrics = _as_metric_dict(metrics)
     was_training, has_loss = model.training, True
@@ -151,7 +201,7 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=
             else:
                 loss = step_fn(model, batch)
                 if metrics:
-                    logits, targets, _ = forward(model, batch, _no_loss, cpu_targets=cpu_targets)
+                    logits, targets, _ = forward(model, batch, _no_loss)
         n = _batch_size(batch)
         sums[0] += n
         has_loss = has_loss and loss is not None
@@ -169,29 +219,27 @@ def evaluate(model, loader, metrics=None, *, loss_fn=None, step_fn=None, device=
 
 @torch.no_grad()
 def predict(model, loader, *, device=None, precision="auto"):
-    """All logits (float32, on the CPU) and targets for ``loader``, in order.
+    """All outputs (float32, on the CPU) and targets for ``loader``, in order; no loss, so the
+    targets may be anything (class labels, regression values, a label per token) or absent (None).
+    Runs on ``device`` if given (the model is moved there), else where the model is.
 
     Example:
         >>> logits, y = predict(model, test_loader)
         >>> (logits.argmax(1) == y).float().mean()
     """
-    device = torch.device(device) if device is not None else best_device()
+    device = _place(model, device)
     autocast, _, _ = _autocast(device, precision)
     was_training = model.training
     model.eval()
     all_logits, all_targets = [], []
     for batch in loader:
         with autocast():
-            logits, targets, _ = forward(model, to_device(batch, device), cpu_targets=_targets(batch))
+            logits, targets, _ = forward(model, to_device(batch, device), _no_loss)
         all_logits.append(logits.float().cpu())
         if targets is not None:
             all_targets.append(targets.cpu())
     model.train(was_training)
     return torch.cat(all_logits), (torch.cat(all_targets) if all_targets else None)
-
-
-def _no_loss(logits, targets):
-    return None
 
 
 def _as_metric_dict(metrics):
@@ -209,15 +257,27 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
         live_plot=False) -> History:
     """Train ``model`` and return its :class:`History`.
 
-    ``loss_fn(logits, targets)`` serves ``(inputs, targets)`` batches (default cross-entropy; a
-    Hugging Face dict batch uses the model's own loss); ``step_fn(model, batch) -> loss`` serves
-    anything else (SimCLR view pairs, a teacher, ...). ``optimizer``: default ``AdamW(lr=lr)``.
-    ``scheduler``: stepped after every optimizer step (or ``optimizer -> scheduler``). ``val_loader``
-    and ``metrics`` (``{"acc": accuracy}``): evaluated after every epoch. ``grad_accum``: micro-batches
-    per step. ``max_grad_norm``: clip to it. ``precision``: ``auto`` (bf16/fp16 on CUDA), ``fp32``,
-    ``bf16``, ``fp16``. ``checkpoint_dir``: ``last.pt`` there, saved at each epoch's end and every
-    ``save_every`` (optimizer steps such as ``500``, or ``"10min"``; None: epoch ends only); a later
-    call with the same folder resumes exactly where it stopped. ``live_plot``: redraw each epoch.
+    Each step's loss: ``loss_fn(logits, targets)`` for ``(inputs, targets)`` batches (default
+    cross-entropy; a Hugging Face dict batch uses the model's own loss), or ``step_fn(model, batch)
+    -> loss`` for anything else (SimCLR view pairs, a teacher, ...). ``step_fn`` gets your model
+    itself, so ``model.encoder(x)`` works; under several processes the whole call runs inside DDP's
+    forward, so the gradients are still averaged over the processes (as DDP requires, every
+    trainable parameter must get a gradient in each step).
+
+    * ``optimizer``: default ``AdamW(lr=lr)`` over the trainable parameters; ``scheduler``: stepped
+      after every optimizer step (or ``optimizer -> scheduler``).
+    * ``grad_accum``: micro-batches per optimizer step. ``max_grad_norm``: clip the gradients of the
+      parameters the optimizer steps to this norm. After each step every gradient of the model is
+      cleared, also those of trainable parameters the optimizer does not hold (freeze them with
+      ``requires_grad_(False)`` to save that work).
+    * ``val_loader`` and ``metrics`` (``{"acc": accuracy}``): evaluated after every epoch.
+    * ``device``: where to train, by default the best device (the GPU on Colab; under several
+      processes this process's GPU); the model is moved there and stays there. ``precision``:
+      ``auto`` (bf16/fp16 on CUDA), ``fp32``, ``bf16``, ``fp16``.
+    * ``checkpoint_dir``: ``last.pt`` there, saved at each epoch's end and every ``save_every``
+      (optimizer steps such as ``500``, or ``"10min"``; None: epoch ends only); a later call with
+      the same folder resumes exactly where it stopped.
+    * ``progress``: a progress bar; ``live_plot``: redraw the History's plot each epoch (Jupyter).
 
     Example:
         >>> history = fit(model, loader, epochs=2, val_loader=val, metrics={"acc": accuracy})
@@ -227,7 +287,8 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     device = distributed.resolve_device(device, local_rank, world)
     autocast, scaler, precision = _autocast(device, precision)
     raw_model = model.to(device)
-    model = distributed.wrap(raw_model, device, world)
+    # what each batch goes through: the model, or step_fn(model, batch); in several processes, in DDP
+    model = distributed.wrap(raw_model if step_fn is None else _StepFn(raw_model, step_fn), device, world)
     train_loader = distributed.shard_train(train_loader, rank, world)
     optimizer, scheduler = _optimizer_and_scheduler(raw_model, optimizer, lr, scheduler)
     ck = Checkpointer(checkpoint_dir, save_every, raw_model, optimizer, scheduler, scaler, train_loader, rank, world)
@@ -235,10 +296,10 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     n_batches, steps = len(train_loader), 0
     bar = _progress_bar(progress and rank == 0, start, epochs, n_batches)
     live = _live_plot(live_plot and rank == 0)
-    optimizer.zero_grad(set_to_none=True)  # a .backward() in an earlier cell must not leak into step 1
+    _zero_grad(raw_model, optimizer)  # a .backward() in an earlier cell must not leak into the first step
     for epoch in range(start, epochs):
         distributed.set_epoch(train_loader, epoch)
-        model.train()
+        raw_model.train()
         batches, partial = ck.batches(epoch)
         t0, log = time.perf_counter(), _LossLog(history.steps, partial, bar)
         for i, batch in batches:
@@ -247,8 +308,7 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
             cpu_targets, batch = _targets(batch), to_device(batch, device)
             with distributed.no_sync(model, skip=not last), _explain_oom(device, train_loader, grad_accum, precision):
                 with autocast():
-                    loss = (step_fn(model, batch) if step_fn else
-                            forward(model, batch, loss_fn, cpu_targets=cpu_targets)[2])
+                    loss = model(batch) if step_fn else forward(model, batch, loss_fn, cpu_targets=cpu_targets)[2]
                 _require_loss(loss)
                 (scaler.scale(loss / window) if scaler else loss / window).backward()
             if last:
@@ -281,6 +341,20 @@ def _check_arguments(loss_fn, step_fn, grad_accum):
         raise ValueError(f"grad_accum must be at least 1, not {grad_accum}.")
 
 
+class _StepFn(torch.nn.Module):
+    """``step_fn(model, batch)`` as a module, so that under several processes DDP can wrap the whole
+    step, as Lightning wraps ``training_step``: DDP prepares each step's gradient all-reduce in its
+    forward, and a step that called ``model.encoder(x)`` past it would train without averaging the
+    gradients over the processes. ``step_fn`` itself gets the model, not the DDP wrapper."""
+
+    def __init__(self, model, step_fn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch):
+        return self.step_fn(self.model, batch)
+
+
 def _optimizer_and_scheduler(model, optimizer, lr, scheduler):
     """Default ``AdamW(lr=lr)`` over the trainable parameters; ``scheduler`` may be ``optimizer -> scheduler``."""
     if optimizer is None:
@@ -296,13 +370,25 @@ def _require_loss(loss):
                          "or put 'labels' in the batch of a Hugging Face model.")
 
 
+def _zero_grad(model, optimizer):
+    """Clear every gradient: the model's, including those of trainable parameters the optimizer
+    does not hold (they would pile up from step to step), and the optimizer's, including tensors
+    outside the model (e.g. a learned temperature)."""
+    model.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _optimizer_step(optimizer, scheduler, scaler, model, max_grad_norm):
-    """Unscale and clip, step, zero the gradients; step the scheduler only when the optimizer
-    really stepped (a GradScaler skips the steps whose gradients overflowed)."""
+    """Clip, ``optimizer.step()``, clear the gradients, ``scheduler.step()``.
+
+    Clipping covers the parameters the optimizer steps (its ``param_groups``), unscaled first
+    under fp16. The scheduler steps only when the optimizer really stepped (a GradScaler skips the
+    steps whose gradients overflowed)."""
     if max_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        stepped_params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(stepped_params, max_grad_norm)
     stepped = True
     if scaler is None:
         optimizer.step()
@@ -311,7 +397,7 @@ def _optimizer_step(optimizer, scheduler, scaler, model, max_grad_norm):
         scaler.step(optimizer)
         scaler.update()
         stepped = scaler.get_scale() >= scale  # the scale shrinks exactly when the step was skipped
-    optimizer.zero_grad(set_to_none=True)
+    _zero_grad(model, optimizer)
     if scheduler is not None and stepped:
         scheduler.step()
 
