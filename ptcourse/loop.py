@@ -286,48 +286,53 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     rank, local_rank, world = distributed.setup(device)
     device = distributed.resolve_device(device, local_rank, world)
     autocast, scaler, precision = _autocast(device, precision)
-    raw_model = model.to(device)
+    model = model.to(device)
     # what each batch goes through: the model, or step_fn(model, batch); in several processes, in DDP
-    model = distributed.wrap(raw_model if step_fn is None else _StepFn(raw_model, step_fn), device, world)
+    net = distributed.wrap(model if step_fn is None else _StepFn(model, step_fn), device, world)
     train_loader = distributed.shard_train(train_loader, rank, world)
-    optimizer, scheduler = _optimizer_and_scheduler(raw_model, optimizer, lr, scheduler)
-    ck = Checkpointer(checkpoint_dir, save_every, raw_model, optimizer, scheduler, scaler, train_loader, rank, world)
+    optimizer, scheduler = _optimizer_and_scheduler(model, optimizer, lr, scheduler)
+    ck = Checkpointer(checkpoint_dir, save_every, model, optimizer, scheduler, scaler, train_loader, rank, world)
     start, history = ck.resume(epochs)
     n_batches, steps = len(train_loader), 0
     bar = _progress_bar(progress and rank == 0, start, epochs, n_batches)
     live = _live_plot(live_plot and rank == 0)
-    _zero_grad(raw_model, optimizer)  # a .backward() in an earlier cell must not leak into the first step
+    _zero_grad(model, optimizer)  # a .backward() in an earlier cell must not leak into the first step
     for epoch in range(start, epochs):
         distributed.set_epoch(train_loader, epoch)
-        raw_model.train()
-        batches, partial = ck.batches(epoch)
-        t0, log = time.perf_counter(), _LossLog(history.steps, partial, bar)
+        model.train()
+        batches, partial = ck.batches(epoch)  # a resumed epoch goes on from where it stopped
+        t0, losses = time.perf_counter(), _EpochLosses(partial)
         for i, batch in batches:
-            last = (i + 1) % grad_accum == 0 or i + 1 == n_batches
-            window = min(grad_accum, n_batches - i // grad_accum * grad_accum)  # the last may be partial
+            window, steps_now = _accumulation_window(i, grad_accum, n_batches)
             cpu_targets, batch = _targets(batch), to_device(batch, device)
-            with distributed.no_sync(model, skip=not last), _explain_oom(device, train_loader, grad_accum, precision):
+            with (distributed.no_sync(net, skip=not steps_now),  # DDP: average the gradients at the step's end
+                  _explain_oom(device, train_loader, grad_accum, precision)):
                 with autocast():
-                    loss = model(batch) if step_fn else forward(model, batch, loss_fn, cpu_targets=cpu_targets)[2]
+                    loss = net(batch) if step_fn else forward(net, batch, loss_fn, cpu_targets=cpu_targets)[2]
                 _require_loss(loss)
                 (scaler.scale(loss / window) if scaler else loss / window).backward()
-            if last:
+            if steps_now:
                 steps += 1
-                _optimizer_step(optimizer, scheduler, scaler, raw_model, max_grad_norm)
-            log.add(loss, _batch_size(batch))
-            if (last and (len(log.pending) >= 10 or ck.due(steps))) or i + 1 == n_batches:
-                save = log.flush(epoch, optimizer, device, world, ck.due_by_time()) or ck.due(steps)
-                if save and i + 1 < n_batches:
-                    ck.save(epoch, i + 1, history, log.partial())
-        row = {"epoch": epoch + 1, "train_loss": log.mean(device, world), "lr": optimizer.param_groups[0]["lr"]}
+                _optimizer_step(optimizer, scheduler, scaler, model, max_grad_norm)
+            losses.add(loss, _batch_size(batch))
+            # read the losses now and then (each read waits for the GPU): stop on a NaN, maybe save
+            if i + 1 == n_batches or (steps_now and (len(losses.unread) >= 10 or ck.due(steps))):
+                values, any_non_finite, any_wants_save = _read_and_vote(losses, ck.due_by_time(), device, world)
+                if any_non_finite:
+                    raise _non_finite(values, epoch, losses, history, optimizer)
+                losses.take(values)
+                _show_progress(bar, values, losses)
+                if (any_wants_save or ck.due(steps)) and i + 1 < n_batches:
+                    ck.save(epoch, i + 1, history, losses.record())  # mid-epoch (the epoch's end: below)
+        row = {"epoch": epoch + 1, "train_loss": losses.mean(device, world), "lr": optimizer.param_groups[0]["lr"]}
         if val_loader is not None:
-            val = evaluate(raw_model, val_loader, metrics, loss_fn=loss_fn, step_fn=step_fn, device=device,
+            val = evaluate(model, val_loader, metrics, loss_fn=loss_fn, step_fn=step_fn, device=device,
                            precision=precision)
             row.update({f"val_{k}": v for k, v in val.items()})
-        history.steps += log.losses
+        history.steps += losses.values
         history.log({**row, "time_s": time.perf_counter() - t0})
         ck.save(epoch + 1, 0, history)
-        _show(bar, live, history, epoch, epochs)
+        _show_epoch(bar, live, history, epoch, epochs)
     if bar is not None:
         bar.close()
     return history
@@ -362,6 +367,21 @@ def _optimizer_and_scheduler(model, optimizer, lr, scheduler):
     if scheduler is not None and not hasattr(scheduler, "step"):
         scheduler = scheduler(optimizer)
     return optimizer, scheduler
+
+
+def _accumulation_window(i, grad_accum, n_batches) -> tuple[int, bool]:
+    """Gradient accumulation: which optimizer step batch ``i`` belongs to. Returns the number of
+    batches that step averages over (``grad_accum``, fewer for an epoch's last step when
+    ``n_batches`` is not a multiple of it) and whether batch ``i`` is the step's last (then the
+    optimizer steps).
+
+    Example:
+        >>> [_accumulation_window(i, 3, 7) for i in range(7)]   # windows of 3, 3, 1
+        [(3, False), (3, False), (3, True), (3, False), (3, False), (3, True), (1, True)]
+    """
+    first = i - i % grad_accum
+    size = min(grad_accum, n_batches - first)
+    return size, i == first + size - 1
 
 
 def _require_loss(loss):
@@ -402,39 +422,30 @@ def _optimizer_step(optimizer, scheduler, scaler, model, max_grad_norm):
         scheduler.step()
 
 
-class _LossLog:
-    """An epoch's step losses, read from the device in groups (each read waits for the GPU), checked
-    for NaN/inf by all processes together, and their sample-weighted mean."""
+class _EpochLosses:
+    """The losses of an epoch's steps. Each stays on the device, ``unread``, until ``fit`` reads a
+    group of them at once (a read makes the CPU wait for the GPU); ``values`` are those read. Their
+    sample-weighted mean is the epoch's training loss. A mid-epoch checkpoint keeps ``record()``."""
 
-    def __init__(self, previous, partial=None, bar=None):
+    def __init__(self, partial=None):
         partial = partial or {}
-        self.losses = list(partial.get("losses", []))
+        self.values = list(partial.get("losses", []))
         self.weighted, self.n = partial.get("weighted", 0.0), partial.get("n", 0)
-        self.previous, self.bar, self.pending, self.sizes = previous, bar, [], []
+        self.unread, self.sizes = [], []
 
     def add(self, loss, n):
-        self.pending.append(loss.detach().float())
+        self.unread.append(loss.detach().float())
         self.sizes.append(n)
 
-    def flush(self, epoch, optimizer, device, world, want_save=False) -> bool:
-        """Read the pending losses; stop every process if any saw a NaN/inf. Returns whether any
-        process asked to save (so that all save together)."""
-        losses = torch.stack(self.pending)
-        flags = torch.stack([(~torch.isfinite(losses)).any().float(), torch.tensor(float(want_save), device=device)])
-        bad, save, *values = torch.cat([distributed.any_true(flags, world), losses]).tolist()  # one read
-        if bad:
-            raise _non_finite(values, len(self.losses), epoch, self.previous + self.losses, optimizer)
-        self.losses += values
+    def take(self, values):
+        """Record ``values``, the unread losses as read from the device."""
+        self.values += values
         self.weighted += sum(v * n for v, n in zip(values, self.sizes))
         self.n += sum(self.sizes)
-        self.pending, self.sizes = [], []
-        if self.bar is not None:
-            self.bar.update(len(values))
-            self.bar.set_postfix(loss=f"{sum(self.losses[-50:]) / len(self.losses[-50:]):.4f}")
-        return save
+        self.unread, self.sizes = [], []
 
-    def partial(self) -> dict:
-        return {"losses": list(self.losses), "weighted": self.weighted, "n": self.n}
+    def record(self) -> dict:
+        return {"losses": list(self.values), "weighted": self.weighted, "n": self.n}
 
     def mean(self, device, world) -> float:
         """The epoch's training loss, weighted by batch size like the validation loss."""
@@ -444,16 +455,27 @@ class _LossLog:
         return float(t[0] / t[1])
 
 
-def _non_finite(values, first, epoch, previous, optimizer) -> NonFiniteLossError:
+def _read_and_vote(losses, wants_save, device, world) -> tuple[list, bool, bool]:
+    """Read the unread losses from the device together with two votes of all processes, in one
+    transfer. Returns the losses, whether any process saw a NaN/inf (all must stop) and whether any
+    process wants a checkpoint (its clock says it is time; saving is collective, so all save)."""
+    unread = torch.stack(losses.unread)
+    votes = torch.stack([(~torch.isfinite(unread)).any().float(), torch.tensor(float(wants_save), device=device)])
+    non_finite, save, *values = torch.cat([distributed.any_true(votes, world), unread]).tolist()
+    return values, bool(non_finite), bool(save)
+
+
+def _non_finite(values, epoch, losses, history, optimizer) -> NonFiniteLossError:
+    """The error for a NaN/inf among ``values``, the losses just read after ``losses.values``."""
     bad = [j for j, v in enumerate(values) if not math.isfinite(v)]
     if not bad:
         return NonFiniteLossError(f"The loss became NaN or infinite in another process at epoch {epoch + 1}; "
                                   "all processes stopped. Its message says where and what to try.")
     j = bad[0]
-    finite = [p for p in previous + values[:j] if math.isfinite(p)]
+    finite = [p for p in history.steps + losses.values + values[:j] if math.isfinite(p)]
     last = f"{finite[-1]:.4g}" if finite else "none yet"
     return NonFiniteLossError(
-        f"The loss became {values[j]} at epoch {epoch + 1}, step {first + j + 1} of that epoch "
+        f"The loss became {values[j]} at epoch {epoch + 1}, step {len(losses.values) + j + 1} of that epoch "
         f"(last finite loss: {last}). Training stopped; the last checkpoint, if any, is intact.\n"
         f"Things to try: a lower learning rate (now {optimizer.param_groups[0]['lr']:.3g}), "
         "gradient clipping (max_grad_norm=1.0), checking the inputs for NaN/inf, "
@@ -475,6 +497,7 @@ def _explain_oom(device, loader, grad_accum, precision):
             "held by earlier cells (torch.cuda.empty_cache() does not free tensors still referenced).") from err
 
 
+# ----------------------------------------------------------------------------- what fit shows
 def _progress_bar(show, start, epochs, n_batches):
     if not show or start >= epochs:
         return None
@@ -489,7 +512,15 @@ def _live_plot(show):
     return LivePlot()
 
 
-def _show(bar, live, history, epoch, epochs):
+def _show_progress(bar, new_values, losses):
+    """Advance the bar by the batches just read; show the mean of the epoch's last 50 losses."""
+    if bar is not None:
+        bar.update(len(new_values))
+        recent = losses.values[-50:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+
+
+def _show_epoch(bar, live, history, epoch, epochs):
     if bar is not None:
         bar.set_description(f"epoch {min(epoch + 2, epochs)}/{epochs}")
         bar.set_postfix({k: f"{v:.4g}" for k, v in history.last.items() if k.startswith(("train", "val"))})
