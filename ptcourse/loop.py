@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def _place(model, device) -> torch.device:
     """The device ``evaluate`` and ``predict`` run on: ``device`` (the model is moved there) or else
     the model's own, so that a model ``fit`` never saw (a teacher loaded on the CPU) is not left
-    behind while its batches go to the GPU."""
+    behind while its batches go to the GPU. Running on the CPU when a GPU is there is correct but
+    slow, so it comes with a warning."""
     if device is None:
-        return model_device(model)
+        device, best = model_device(model), best_device()
+        if device.type == "cpu" and best.type != "cpu":
+            warnings.warn(f"the model's weights are on the CPU, so it runs there, though {best} is available: "
+                          "move it with model.to(device), or pass device=.", stacklevel=3)
+        return device
     device = torch.device(device)
     model.to(device)
     return device

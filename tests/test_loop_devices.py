@@ -44,8 +44,9 @@ class Where(torch.nn.Module):
 
 def test_evaluate_and_predict_run_a_model_where_it_is(monkeypatch):
     """A teacher loaded on the CPU and never trained by fit, evaluated where the best device is a
-    GPU: without device=, evaluate and predict must run it on its own device (the CPU here). Moving
-    only the batches to the best device gives a device-mismatch error."""
+    GPU: without device=, evaluate and predict must run it on its own device (the CPU here), with a
+    warning that a GPU is there. Moving only the batches to the best device gives a device-mismatch
+    error."""
     monkeypatch.setenv("PTCOURSE_DEVICE", "meta")
     assert ptcourse.runtime.best_device() == META
     ptcourse.seed_everything(0)
@@ -54,10 +55,12 @@ def test_evaluate_and_predict_run_a_model_where_it_is(monkeypatch):
     x, y = blobs().tensors
     with torch.no_grad():
         expected = model(x)
-    result = ptcourse.evaluate(model, loader, {"acc": ptcourse.accuracy})
+    with pytest.warns(UserWarning, match="on the CPU, so it runs there, though meta is available"):
+        result = ptcourse.evaluate(model, loader, {"acc": ptcourse.accuracy})
     assert result["acc"] == pytest.approx(ptcourse.accuracy(expected, y).item())
     assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(expected, y).item(), rel=1e-6)
-    logits, targets = ptcourse.predict(model, loader)
+    with pytest.warns(UserWarning, match="move it with model.to"):
+        logits, targets = ptcourse.predict(model, loader)
     assert torch.allclose(logits, expected) and torch.equal(targets, y)
     assert {p.device for p in model.parameters()} == {torch.device("cpu")}  # the model was not moved
 
