@@ -9,7 +9,8 @@
 The layers, each in one place:
 
 * **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``data``
-  (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``distributed`` (several processes),
+  (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``metrics`` (``accuracy``,
+  ``count_parameters``), ``distributed`` (several processes),
   ``checkpoint`` (atomic files, training state, resume), ``history``, ``losses``, ``probes``
   (frozen features, kNN, linear probes), ``plots``, ``results`` (``report`` and significance of
   differences over seeds), ``compare`` (the search protocol on validation, verdicts over paired seeds);
@@ -35,12 +36,12 @@ LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 # public name -> module that defines it
 _API = {
     "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
-    "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop", "count_parameters": "loop",
+    "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "metrics", "count_parameters": "metrics",
     "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }
-_MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes", "compare",
-            "plots", "results", "chapters", "checks", "tools")
+_MODULES = ("runtime", "data", "loop", "metrics", "distributed", "checkpoint", "history", "losses",
+            "probes", "compare", "plots", "results", "chapters", "checks", "tools")
 __all__ = [*_API, *_MODULES]
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 
 class History:
+    """The record of a training run: ``epochs`` (a dict per epoch: ``train_loss``, ``val_*``, ``lr``,
+    ``time_s``) and ``steps`` (the training loss of every batch)."""
+
     def __init__(self, epochs=None, steps=None):
         self.epochs: list[dict] = list(epochs or [])
         self.steps: list[float] = list(steps or [])
@@ -59,22 +62,3 @@ class History:
                                    else f"{str(r.get(c)):>10}" for c in cols))
         return "\n".join(lines)
 
-
-class LivePlot:
-    """Redraws a History's figure in place in Jupyter after each epoch (does nothing elsewhere)."""
-
-    def __init__(self):
-        self.handle = None
-
-    def update(self, history: History) -> None:
-        try:
-            from IPython.display import display
-        except ImportError:
-            return
-        import matplotlib.pyplot as plt
-        fig = history.plot()
-        if self.handle is None:
-            self.handle = display(fig, display_id=True)
-        else:
-            self.handle.update(fig)
-        plt.close(fig)

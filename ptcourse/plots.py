@@ -84,6 +84,26 @@ def history_figure(history, smooth=20):
     return fig
 
 
+class LivePlot:
+    """``fit(..., live_plot=True)``: redraws a History's figure in place in Jupyter after each epoch
+    (does nothing outside IPython)."""
+
+    def __init__(self):
+        self.handle = None
+
+    def update(self, history) -> None:
+        try:
+            from IPython.display import display
+        except ImportError:
+            return
+        fig = history_figure(history)
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)
+
+
 def curves(series: dict, xlabel="epoch", ylabel="", title=None, x=None):
     """Several named lines on one axis, e.g. ``{"MSE": losses_a, "BCE": losses_b}``."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2))

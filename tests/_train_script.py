@@ -2,6 +2,7 @@
 
 usage: python _train_script.py OUT_FILE [--ckpt DIR] [--kill-at STEP] [--batch B] [--epochs E]
        [--loader shuffle|generator|grouped|plain] [--save-every N] [--nan-at STEP --nan-rank R] [--oom-at STEP]
+       [--step-fn]
 
 Writes OUT_FILE.rank<R>: the final parameters, the History and the world size, or the name of the
 error that stopped training (``--nan-at``); and OUT_FILE.exit<R>: whether a process group was still
@@ -32,6 +33,7 @@ p.add_argument("--save-every", type=int, default=None)
 p.add_argument("--nan-at", type=int, default=0)
 p.add_argument("--nan-rank", type=int, default=0, help="the process that sees the NaN (or the OOM)")
 p.add_argument("--oom-at", type=int, default=0)
+p.add_argument("--step-fn", action="store_true", help="train with a step_fn that calls the model's layers one by one")
 args = p.parse_args()
 
 torch.set_num_threads(1)
@@ -70,8 +72,14 @@ def loss_fn(logits, targets):
     return loss
 
 
+def step_fn(m, batch):
+    """The same loss, calling the submodules directly (as a SimCLR step calls ``model.encoder``)."""
+    return loss_fn(m[3](m[2](m[1](m[0](batch[0])))), batch[1])
+
+
+objective = {"step_fn": step_fn} if args.step_fn else {"loss_fn": loss_fn}
 try:
-    history = ptcourse.fit(model, loader, epochs=args.epochs, lr=0.05, loss_fn=loss_fn,
+    history = ptcourse.fit(model, loader, epochs=args.epochs, lr=0.05, **objective,
                            scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 5, 0.5),
                            val_loader=DataLoader(val, batch_size=5), metrics={"acc": ptcourse.accuracy},
                            checkpoint_dir=args.ckpt, progress=False,

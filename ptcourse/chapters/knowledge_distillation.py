@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-from ..loop import count_parameters  # noqa: F401  (the chapter imports it from here)
+from ..metrics import count_parameters  # noqa: F401  (the chapter imports it from here)
 
 __all__ = ["random_translate", "count_parameters", "size_kb", "latency_ms", "fold_batchnorm",
            "quantize_weight", "Int8Conv2d", "Int8Linear", "quantize_int8"]

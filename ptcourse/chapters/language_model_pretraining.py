@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..loop import count_parameters  # noqa: F401  (the chapter imports it from here)
+from ..metrics import count_parameters  # noqa: F401  (the chapter imports it from here)
 
 SPECIALS = ("<|endoftext|>", "<pad>", "<mask>")   # ids 0, 1, 2 in a tokenizer from :func:`train_bpe`
 EOS_ID, PAD_ID, MASK_ID = 0, 1, 2

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..loop import count_parameters
+from ..metrics import count_parameters
 from .bert_finetuning import pad_collate
 
 

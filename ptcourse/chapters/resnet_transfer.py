@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loop import count_parameters  # noqa: F401  (used in the chapter as T.count_parameters)
+from ..metrics import count_parameters  # noqa: F401  (used in the chapter as T.count_parameters)
 
 RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",), ("fc",))
 
