@@ -8,11 +8,11 @@
 
 The layers, each in one place:
 
-* **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``data``
-  (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``distributed`` (several processes),
-  ``checkpoint`` (atomic files, training state, resume), ``history``, ``losses``, ``probes``
-  (frozen features, kNN, linear probes), ``plots``, ``results`` (``report`` and significance of
-  differences over seeds);
+* **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``files`` (atomic
+  writes, safe loading), ``data`` (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``),
+  ``distributed`` (several processes), ``checkpoint`` (training state, exact resume), ``history``,
+  ``losses``, ``probes`` (frozen features, kNN, linear probes), ``plots``, ``results`` (``report``
+  and significance of differences over seeds);
 * **chapter helpers**: ``ptcourse.chapters.<chapter>`` and the exercise checks
   ``ptcourse.checks.<chapter>``, named like the notebooks;
 * **tooling** for TAs and maintainers: ``ptcourse.tools`` (``doctor``, ``download``, ``run``,
@@ -36,11 +36,11 @@ LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 _API = {
     "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
     "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "loop", "count_parameters": "loop",
-    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
+    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "files",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }
-_MODULES = ("runtime", "data", "loop", "distributed", "checkpoint", "history", "losses", "probes",
-            "plots", "results", "chapters", "checks", "tools")
+_MODULES = ("runtime", "files", "data", "loop", "distributed", "checkpoint", "history", "losses",
+            "probes", "plots", "results", "chapters", "checks", "tools")
 __all__ = [*_API, *_MODULES]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 # name -> (kind, splits, how to fetch it)
 DATASETS = {
