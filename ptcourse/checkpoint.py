@@ -129,9 +129,23 @@ def parse_every(save_every) -> tuple[int | None, float | None]:
 class Checkpointer:
     """``last.pt`` in ``folder``: saved at each epoch's end and every ``save_every``; resumed exactly.
 
+    Args:
+        folder: where ``last.pt`` goes; None: no checkpoints (``save`` and ``resume`` do nothing).
+        save_every: optimizer steps (``500``), a time (``"10min"``) or None (epoch ends only).
+        model, optimizer, scheduler, scaler: what is saved and restored (scheduler and scaler may be None).
+        loader: the training loader, whose generators and sampler state decide the data order.
+        rank, world: this process and the number of processes (each saves its own random state;
+            rank 0 writes the file).
+
+    Between calls it remembers ``start``, the random states at the current epoch's start (a
+    mid-epoch checkpoint holds them, so that a resumed epoch draws the same order again),
+    ``pending``, what :meth:`resume` read for the next :meth:`batches`, and ``saved_at``, the time
+    of the last save (for ``save_every`` by time).
+
     Example (what ``fit`` does)::
 
-        ck = Checkpointer("ckpt", "10min", model, optimizer, scheduler, scaler, loader, rank, world)
+        ck = Checkpointer("ckpt", "10min", model=model, optimizer=optimizer, scheduler=scheduler,
+                          scaler=scaler, loader=loader, rank=rank, world=world)
         start, history = ck.resume(epochs)           # (0, History()) without a checkpoint
         batches, partial = ck.batches(start)         # skips what a resumed epoch had done
         for i, batch in batches:
@@ -139,12 +153,15 @@ class Checkpointer:
         ck.save(start + 1, 0, history)                # at the epoch's end
     """
 
-    def __init__(self, folder, save_every, model, optimizer, scheduler, scaler, loader, rank=0, world=1):
+    def __init__(self, folder, save_every="10min", *, model, optimizer, loader, scheduler=None, scaler=None,
+                 rank=0, world=1):
         self.path = Path(folder) / "last.pt" if folder else None
         self.every_steps, self.every_s = parse_every(save_every)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.loader, self.rank, self.world = loader, rank, world
-        self.saved_at, self.start, self.pending = time.monotonic(), None, None
+        self.start = None     # loader_state() at the current epoch's start
+        self.pending = None   # what resume() read, consumed by the next batches()
+        self.saved_at = time.monotonic()
 
     def resume(self, epochs) -> tuple[int, History]:
         """Load ``last.pt`` if there is one: returns (finished epochs, History)."""
@@ -162,7 +179,7 @@ class Checkpointer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
-        if isinstance(rng, dict):  # written before mid-epoch saves: one random state, at an epoch's end
+        if isinstance(rng, dict):  # the epoch-end-only format: one random state, taken at an epoch's end
             rng = [{"start": {"rng": rng, "generators": [], "samplers": []}, "now": rng}]
         mine = rng[self.rank] if len(rng) == self.world else rng[0]
         epoch, batch = state["epoch"], state.get("batch", 0)
