@@ -2,7 +2,7 @@
 
 ``torchrun``, ``accelerate launch`` and Accelerate's ``notebook_launcher`` set ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK``; :func:`setup` joins the process group (NCCL for CUDA, gloo for the
-CPU). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
+CPU; several processes on a Mac train on the CPU, as gloo has no MPS support). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
 evaluates an exact share of the validation set (:func:`shard_eval`), and sums numbers across
 processes (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces
 only CUDA tensors. A process group that :func:`setup` joined is left again when Python exits
@@ -27,14 +27,15 @@ from .runtime import best_device
 
 
 def setup(device=None) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment, joining the process group."""
+    """(rank, local_rank, world_size) from the launcher's environment, joining the process group:
+    NCCL when this process trains on a GPU (made the current CUDA device, where NCCL works),
+    gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if on_cuda and local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if on_cuda else "gloo")
+        target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), world)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
         atexit.register(leave)  # runs before interpreter shutdown, while Python can still serve gloo's threads
     if dist.is_initialized():
         return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
@@ -52,12 +53,26 @@ def leave() -> None:
 
 
 def resolve_device(device, local_rank=0, world=1) -> torch.device:
-    """``device`` if given, else the best one (GPU ``local_rank`` when there are several processes)."""
+    """``device`` if given, else the best one for this process.
+
+    One process: the fastest device (CUDA, Apple MPS, CPU; ``PTCOURSE_DEVICE`` overrides). Several
+    processes: GPU ``local_rank`` when this process sees all the machine's GPUs, GPU 0 when it sees
+    fewer (a launcher that gives each process its own GPU through ``CUDA_VISIBLE_DEVICES``); without
+    CUDA, the CPU: the processes' collectives run over NCCL (CUDA) or gloo, and gloo, the only
+    backend on a Mac, has no MPS support.
+    """
     if device is None:
         device = best_device()
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank)
-    return torch.device(device)
+        if world > 1 and device.type == "mps" and not os.environ.get("PTCOURSE_DEVICE"):
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
+    if world > 1 and device.type == "mps":
+        raise ValueError(f"{world} processes cannot train on MPS: gloo, the backend that connects "
+                         "processes without CUDA, has no MPS support. Use device='cpu' (what fit "
+                         "chooses by itself on a Mac with several processes), or one process on MPS.")
+    return device
 
 
 def wrap(model, device, world):
