@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +30,43 @@ from .history import History
 
 
 # ----------------------------------------------------------------------------- random states
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def rng_state() -> dict:
-    """The global random states (torch CPU, every CUDA device, numpy, Python), as CPU data."""
+    """The global random states (torch CPU, every CUDA GPU, Apple MPS, numpy, Python), as CPU data."""
     kind, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "mps": torch.mps.get_rng_state() if _mps_available() else None,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), *rest],
             "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`; works whatever device the tensors were loaded to."""
+    """Restore :func:`rng_state`; works whatever device the tensors were loaded to.
+
+    On a machine with another number of GPUs than the one that saved it (a lab node's checkpoint
+    resumed on Colab), the GPUs both have are restored and a warning says that random draws on
+    the GPUs (dropout) will not continue exactly as they would have.
+    """
     torch.set_rng_state(state["torch"].cpu())  # set_rng_state takes only a CPU byte tensor
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved = state["cuda"]
+    if saved and torch.cuda.is_available():
+        have = torch.cuda.device_count()
+        for i, s in enumerate(saved[:have]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+        if len(saved) != have:
+            both = min(len(saved), have)
+            restored = "GPU 0's" if both == 1 else f"those of GPUs 0 to {both - 1}"
+            warnings.warn(
+                f"The checkpoint holds the random states of {len(saved)} GPU{'s' * (len(saved) > 1)} and this "
+                f"machine has {have}: restored {restored}. Random draws on the GPUs (dropout, augmentations on "
+                "the GPU) will differ from the run that saved it: training continues, but not exactly as it "
+                "would have.", stacklevel=2)
+    if state.get("mps") is not None and _mps_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
@@ -181,6 +205,12 @@ class Checkpointer:
         rng = state["rng"]
         if isinstance(rng, dict):  # the epoch-end-only format: one random state, taken at an epoch's end
             rng = [{"start": {"rng": rng, "generators": [], "samplers": []}, "now": rng}]
+        if len(rng) != self.world:
+            warnings.warn(
+                f"The checkpoint {self.path} was written by {len(rng)} process{'es' * (len(rng) > 1)} and this "
+                f"run has {self.world}: the model, optimizer, schedule and History resume, but each "
+                "process's share of the data and its random state were those of the other run, so "
+                "training continues, but not exactly as it would have.", stacklevel=3)
         mine = rng[self.rank] if len(rng) == self.world else rng[0]
         epoch, batch = state["epoch"], state.get("batch", 0)
         self.pending = {"partial": None, **mine, "batch": batch}
