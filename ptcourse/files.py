@@ -7,7 +7,8 @@ cache (``data``), the results records (``results``) and the checkpoints (``check
 written so.
 
 A torch file is loaded with ``weights_only=True`` (tensors, numbers, strings and containers of
-them: loading cannot run code), and a damaged file gets a message that says what to do.
+them: loading cannot run code), and a damaged file, or one holding a type outside that allowlist,
+gets a message that says which and what to do.
 
 Example:
     >>> import tempfile, torch
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is damaged or does not fit the model."""
+    """A checkpoint file is damaged, holds a type the safe loader refuses, or does not fit the model."""
 
 
 def atomic_write(path, write) -> None:
@@ -58,10 +60,31 @@ def save_atomic(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+# a dotted Python name (module.Class): what a well-formed pickle's GLOBAL opcode names
+_DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
+
+
+def _unsupported_types(path) -> list[str]:
+    """The types outside the ``weights_only`` allowlist that a well-formed torch file names, or []
+    (also when the file is too damaged to tell, or this torch cannot tell)."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # (not in older torch)
+    if find is None:
+        return []
+    try:
+        names = find(path)
+    except Exception:  # noqa: BLE001 - a file this damaged is reported as damaged
+        return []
+    # a damaged pickle can also "name" a global: a flipped byte read as the GLOBAL opcode names
+    # garbage, never a dotted identifier
+    return list(names) if names and all(_DOTTED.fullmatch(n) for n in names) else []
+
+
 def load(path, map_location="cpu"):
     """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
 
-    A truncated or damaged file raises :class:`CheckpointError` naming the file and what to do.
+    A truncated or damaged file raises :class:`CheckpointError` naming the file and what to do; so
+    does a sound file that holds a type the safe loader refuses (the message names the type and
+    how to allow it).
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -70,6 +93,15 @@ def load(path, map_location="cpu"):
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,
             KeyError, IndexError) as err:
         # not chained: torch's own text advises an unsafe load (weights_only=False), never do that
+        kinds = _unsupported_types(path) if isinstance(err, pickle.UnpicklingError) else []
+        if kinds:
+            module, name = kinds[0].rsplit(".", 1)
+            raise CheckpointError(
+                f"The file {path} is not damaged, but it holds objects of type {', '.join(kinds)}, which the "
+                "safe loader refuses: it loads tensors, numbers, strings and lists, tuples and dicts of "
+                "them. Save plain values instead (model.state_dict(), float(x) for a numpy number, str(p) "
+                "for a path). If you trust the file, allow the type before loading it: "
+                f"`from {module} import {name}; torch.serialization.add_safe_globals([{name}])`.") from None
         raise CheckpointError(
             f"The checkpoint {path} is damaged or incomplete ({type(err).__name__}), e.g. half-copied "
             "from Google Drive or written to a full disk. Delete it to start the training afresh, or "

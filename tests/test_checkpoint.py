@@ -133,3 +133,18 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"2 processes.*1"):
         h = ptcourse.fit(dropout_mlp(), loader, epochs=2, checkpoint_dir=tmp_path, progress=False)
     assert len(h) == 2
+
+
+# ----------------------------------------------------------------------------- files the safe loader refuses
+def test_a_sound_file_with_a_type_outside_the_allowlist_is_not_called_damaged(tmp_path):
+    """A checkpoint that holds, say, a path object is intact: telling the student to delete it would
+    throw away a good run. The message names the type and the safe way to allow it."""
+    import pathlib
+    path = tmp_path / "last.pt"
+    torch.save({"w": torch.ones(2), "data_dir": pathlib.PurePosixPath("/data")}, path)
+    with pytest.raises(files.CheckpointError) as err:
+        files.load(path)
+    msg = str(err.value)
+    assert "pathlib.PurePosixPath" in msg and "add_safe_globals([PurePosixPath])" in msg
+    assert "damaged" not in msg.replace("not damaged", "") and "Delete" not in msg
+    assert "weights_only=False" not in msg
