@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tokenize
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -231,13 +233,29 @@ def _read_meta(name: str) -> dict:
 
 def _read_npz(path: Path):
     try:
-        with np.load(path) as f:
-            images, labels = f["images"], f["labels"]
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zipfile.LargeZipFile) as err:
+        with zipfile.ZipFile(path) as z:
+            images, labels = _read_npy(z, "images.npy"), _read_npy(z, "labels.npy")
+    except (FileNotFoundError, PermissionError):
+        raise
+    # a damaged file fails in the zip structure (a flipped byte can name an unknown compression
+    # method), in zlib, in the CRC check or in the array header
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, zlib.error, EOFError, ValueError,
+            OSError, KeyError, SyntaxError, tokenize.TokenError) as err:
         raise _corrupt(path, err) from err
     if len(images) != len(labels):
         raise _corrupt(path, ValueError(f"{len(images)} images but {len(labels)} labels"))
     return images, labels.astype(np.int64)
+
+
+def _read_npy(z: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array of an ``.npz``, read to the end of its member so that the zip's CRC check covers
+    every byte (``np.load`` stops after the bytes its header asks for: a flipped byte in the header
+    that changes the shape would give a wrong array without an error)."""
+    with z.open(name) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+        if f.read(1):
+            raise ValueError(f"{name} holds more bytes than its header describes")
+    return array
 
 
 def _read_jsonl(path: Path):
