@@ -87,3 +87,62 @@ def test_setup_selects_the_gpu_it_was_asked_to_train_on(gpus, group):
     distributed.setup("cuda:3")
     assert group["set_device"] == [torch.device("cuda", 3)]
     assert distributed.resolve_device("cuda:3", 1, 2) == torch.device("cuda", 3)
+
+
+# ----------------------------------------------------------------------------- each rank's share
+def epoch_of(loader, epoch):
+    distributed.set_epoch(loader, epoch)
+    return [i for batch in loader for i in batch[0].tolist()]
+
+
+def indexed(n):
+    """A dataset whose examples are their own indices, so a batch shows which examples it holds."""
+    return TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
+
+
+def subset():
+    return SubsetRandomSampler(range(0, 100, 3))  # 34 examples
+
+
+def weighted():
+    return WeightedRandomSampler([1.0 if i % 4 == 0 else 0.0 for i in range(100)], num_samples=40)
+
+
+@pytest.mark.parametrize("make", [subset, weighted])
+def test_a_custom_sampler_keeps_its_choice_shared_between_the_ranks(make):
+    """Two processes, each building its loader as the same script does; their global random states
+    differ (as dropout or augmentations can leave them). Each rank takes its share of the sampler's
+    choice, the same number of examples on every rank, and together they see what the sampler
+    picks: the 34 examples of the subset, or 40 draws among the examples of weight 1."""
+    shares = []
+    for rank in (0, 1):
+        torch.manual_seed(100 + rank)
+        loader = DataLoader(indexed(100), batch_size=4, sampler=make())
+        shards = distributed.shard_train(loader, rank, world=2)
+        shares.append([epoch_of(shards, epoch) for epoch in (0, 1)])
+    for epoch in (0, 1):
+        mine, theirs = shares[0][epoch], shares[1][epoch]
+        assert len(mine) == len(theirs) == len(make()) // 2
+        if make is subset:
+            assert sorted(mine + theirs) == list(range(0, 100, 3))
+        else:
+            assert all(i % 4 == 0 for i in mine + theirs)
+    assert shares[0][0] != shares[0][1]  # a new draw each epoch
+
+
+def test_the_stock_samplers_still_become_a_distributed_sampler():
+    loader = DataLoader(indexed(10), batch_size=2, shuffle=True)
+    assert isinstance(distributed.shard_train(loader, 0, 2).sampler, torch.utils.data.DistributedSampler)
+    plain = distributed.shard_train(DataLoader(indexed(10), batch_size=2), 1, 2)
+    assert epoch_of(plain, 0) == [1, 3, 5, 7, 9]
+
+
+def test_evaluation_on_several_processes_keeps_a_batch_samplers_batches():
+    """A validation loader built with a batch_sampler (e.g. length-grouped batches): each rank
+    evaluates whole batches of it, in batches of their size, not one example at a time."""
+    sampler = BatchSampler(SequentialSampler(range(10)), batch_size=4, drop_last=False)
+    loader = DataLoader(indexed(10), batch_sampler=sampler)
+    shards = [list(distributed.shard_eval(loader, rank, 2)) for rank in (0, 1)]
+    sizes = [[len(b[0]) for b in s] for s in shards]
+    assert sizes == [[4, 2], [4]]
+    assert sorted(i for s in shards for b in s for i in b[0].tolist()) == list(range(10))
