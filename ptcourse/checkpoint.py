@@ -3,10 +3,11 @@
 ``Checkpointer`` is what ``fit`` uses: ``last.pt`` holds the model, optimizer, scheduler, gradient
 scaler, History, the position in the epoch, and every random state that decides what comes next
 (the global generators, the loader's generator and sampler state at the epoch's start). A run
-killed at any optimizer step therefore resumes to the same weights as a run never interrupted
-(bit for bit on the CPU with ``num_workers=0``; with worker processes the batches are the same but
-random augmentations inside the workers are drawn afresh). The file is written atomically and
-loaded safely (``files.save_atomic``, ``files.load``).
+killed at any optimizer step therefore resumes to the same weights as a run never interrupted,
+bit for bit on the CPU. With loader worker processes the batches are the same, but random draws
+inside the workers (augmentation in the dataset) are made afresh after a mid-epoch resume, and
+after any resume with ``persistent_workers=True`` (a warning says so). The file is written
+atomically and loaded safely (``files.save_atomic``, ``files.load``).
 
 Example:
     >>> ck = Checkpointer("ckpt", save_every=500, model=model, optimizer=optimizer, loader=loader)
@@ -123,8 +124,10 @@ class _SkipBatches:
 
 def skip_batches(loader, k: int, then):
     """Iterate ``loader`` from its ``k``-th batch. The indices of the skipped batches are drawn (so
-    the order is the one of an uninterrupted epoch) but their data is not loaded."""
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+    the order is the one of an uninterrupted epoch) but their data is not loaded, except for an
+    iterable dataset or a loader with persistent workers, which load them and throw them away (their
+    workers serve the whole run: a copy of the loader would start others)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None or _persistent(loader):
         it = iter(loader)
         for _ in range(k):
             next(it)
@@ -134,6 +137,16 @@ def skip_batches(loader, k: int, then):
             "generator", "prefetch_factor", "persistent_workers", "pin_memory_device")
     kwargs = {a: getattr(loader, a) for a in keep if hasattr(loader, a)}
     return iter(DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, k, then), **kwargs))
+
+
+def _persistent(loader) -> bool:
+    return getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0
+
+
+def _draw_worker_seed(loader) -> None:
+    """The draw with which a ``DataLoader`` seeds its workers when they start (one int64 from its
+    generator, or from the global one)."""
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
 
 
 # ----------------------------------------------------------------------------- fit's checkpoints
@@ -186,6 +199,14 @@ class Checkpointer:
         self.start = None     # loader_state() at the current epoch's start
         self.pending = None   # what resume() read, consumed by the next batches()
         self.saved_at = time.monotonic()
+        if self.path is not None and _persistent(loader):
+            warnings.warn(
+                "Checkpoints with persistent_workers=True resume the data order and the model's random "
+                "draws exactly, but not the random draws inside the worker processes (random "
+                "augmentation in the dataset): those run on from epoch to epoch in the workers, where "
+                "a checkpoint cannot see them, so after a resume they differ from an uninterrupted "
+                "run. For an exact resume use persistent_workers=False (the workers restart each epoch "
+                "from a seed the checkpoint holds).", stacklevel=3)
 
     def resume(self, epochs) -> tuple[int, History]:
         """Load ``last.pt`` if there is one: returns (finished epochs, History)."""
@@ -225,9 +246,18 @@ class Checkpointer:
         """``enumerate`` over this epoch's batches, from where a resumed run stopped; remembers the
         epoch's starting random state for :meth:`save`. Returns (iterator, partial epoch record)."""
         resume, self.pending = self.pending, None
+        persistent = resume is not None and _persistent(self.loader)
+        if persistent:
+            # Persistent workers draw their seed when they start, in the uninterrupted run at the
+            # start of epoch 0 only. Start them now, before the random states are restored, and
+            # make that draw again below only if this is epoch 0: the epoch then draws its order
+            # from the states the uninterrupted run had.
+            iter(self.loader)
         if resume is not None:
             set_loader_state(self.loader, resume["start"])
         self.start = loader_state(self.loader) if self.path is not None else None
+        if persistent and epoch == 0:
+            _draw_worker_seed(self.loader)
         if resume is None or resume["batch"] == 0:
             return enumerate(self.loader), None
         it = skip_batches(self.loader, resume["batch"], lambda: set_rng_state(resume["now"]))

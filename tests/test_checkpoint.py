@@ -148,3 +148,60 @@ def test_a_sound_file_with_a_type_outside_the_allowlist_is_not_called_damaged(tm
     assert "pathlib.PurePosixPath" in msg and "add_safe_globals([PurePosixPath])" in msg
     assert "damaged" not in msg.replace("not damaged", "") and "Delete" not in msg
     assert "weights_only=False" not in msg
+
+
+# ----------------------------------------------------------------------------- persistent workers
+class Crash(Exception):
+    pass
+
+
+def crash_at(at):
+    count = {"n": 0}
+
+    def loss_fn(logits, y):
+        count["n"] += torch.is_grad_enabled()
+        if count["n"] == at:
+            raise Crash
+        return torch.nn.functional.cross_entropy(logits, y)
+    return loss_fn
+
+
+def persistent_loader():
+    """Shuffled by the global generator, one persistent worker process (which draws nothing random)."""
+    return DataLoader(blobs(48), batch_size=8, shuffle=True, num_workers=1, persistent_workers=True)
+
+
+def train_persistent(model, ck=None, loss_fn=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the warning about the workers' own random draws
+        return ptcourse.fit(model, persistent_loader(), epochs=3, lr=1e-2, loss_fn=loss_fn, checkpoint_dir=ck,
+                            save_every=2, progress=False)
+
+
+def test_persistent_workers_resume_to_the_same_weights(tmp_path):
+    """With persistent workers the loader draws its workers' base seed only when its first epoch
+    starts. A resumed run's first epoch must not draw it again: that draw would shift the random
+    state that orders the data and drives dropout, and the run would continue elsewhere."""
+    ptcourse.seed_everything(0)
+    ref = dropout_mlp()
+    ref_h = train_persistent(ref)
+    for at in (4, 7, 15):  # of batches 1..18 (6 per epoch): mid-epoch 1, start of epoch 2, mid-epoch 3
+        ck = tmp_path / f"at{at}"
+        ptcourse.seed_everything(0)
+        with pytest.raises(Crash):
+            train_persistent(dropout_mlp(), ck, crash_at(at))
+        ptcourse.seed_everything(1000 + at)
+        model = dropout_mlp()
+        h = train_persistent(model, ck)
+        assert torch.equal(flat(model), flat(ref)), f"crash at batch {at}"
+        assert h.steps == ref_h.steps
+
+
+def test_checkpointing_with_persistent_workers_says_what_is_not_exact(tmp_path):
+    """Random draws inside persistent workers (augmentations) run on across epochs in processes a
+    checkpoint cannot see: fit says so when it checkpoints such a loader."""
+    with pytest.warns(UserWarning, match="persistent_workers.*augmentation"):
+        ptcourse.fit(dropout_mlp(), persistent_loader(), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint, nothing to say
+        ptcourse.fit(dropout_mlp(), persistent_loader(), epochs=1, progress=False)
