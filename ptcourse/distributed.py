@@ -2,12 +2,13 @@
 
 ``torchrun``, ``accelerate launch`` and Accelerate's ``notebook_launcher`` set ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK``; :func:`setup` joins the process group (NCCL for CUDA, gloo for the
-CPU; several processes on a Mac train on the CPU, as gloo has no MPS support). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
-evaluates an exact share of the validation set (:func:`shard_eval`), and sums numbers across
-processes (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces
-only CUDA tensors. A process group that :func:`setup` joined is left again when Python exits
-(:func:`leave`), as torch requires: without it a gloo process can abort at exit ("terminate called
-without an active exception") after training finished.
+CPU; several processes on a Mac train on the CPU, as gloo has no MPS support). Each process trains
+a DDP copy of the model on its own share of the data (:func:`shard_train`), evaluates an exact
+share of the validation set (:func:`shard_eval`), and sums numbers across processes
+(:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces only CUDA
+tensors. A process group that :func:`setup` joined is left again when Python exits (:func:`leave`),
+as torch requires: without it a gloo process can abort at exit ("terminate called without an
+active exception") after training finished.
 
 Example:
     >>> rank, local_rank, world = setup()
