@@ -8,12 +8,12 @@
 
 The layers, each in one place:
 
-* **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``data``
-  (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``), ``metrics`` (``accuracy``,
-  ``count_parameters``), ``distributed`` (several processes),
-  ``checkpoint`` (atomic files, training state, resume), ``history``, ``losses``, ``probes``
-  (frozen features, kNN, linear probes), ``plots``, ``results`` (``report`` and significance of
-  differences over seeds), ``compare`` (the search protocol on validation, verdicts over paired seeds);
+* **core** (every chapter): ``runtime`` (profile, device, precision, seeding), ``files`` (atomic
+  writes, safe loading), ``data`` (datasets), ``loop`` (``fit``, ``evaluate``, ``predict``),
+  ``metrics`` (``accuracy``, ``count_parameters``), ``distributed`` (several processes),
+  ``checkpoint`` (training state, exact resume), ``history``, ``losses``, ``probes`` (frozen
+  features, kNN, linear probes), ``plots``, ``results`` (``report``), ``compare`` (the search
+  protocol on validation, verdicts over paired seeds);
 * **chapter helpers**: ``ptcourse.chapters.<chapter>`` and the exercise checks
   ``ptcourse.checks.<chapter>``, named like the notebooks;
 * **tooling** for TAs and maintainers: ``ptcourse.tools`` (``doctor``, ``download``, ``run``,
@@ -37,10 +37,10 @@ LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 _API = {
     "profile": "runtime", "Profile": "runtime", "seed_everything": "runtime",
     "fit": "loop", "evaluate": "loop", "predict": "loop", "accuracy": "metrics", "count_parameters": "metrics",
-    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "checkpoint",
+    "NonFiniteLossError": "loop", "OutOfMemoryAdvice": "loop", "CheckpointError": "files",
     "History": "history", "report": "results", "doctor": "tools.doctor",
 }
-_MODULES = ("runtime", "data", "loop", "metrics", "distributed", "checkpoint", "history", "losses",
+_MODULES = ("runtime", "files", "data", "loop", "metrics", "distributed", "checkpoint", "history", "losses",
             "probes", "compare", "plots", "results", "chapters", "checks", "tools")
 __all__ = [*_API, *_MODULES]
 

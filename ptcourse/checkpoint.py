@@ -1,33 +1,24 @@
-"""Checkpoints: atomic files, and the training state ``fit`` saves and resumes exactly.
-
-A file is written to a temporary name in the same folder, flushed to disk and then renamed over
-the old one (``os.replace`` is atomic on POSIX and Windows): a crash while saving never destroys
-the previous checkpoint. Loading is safe (``weights_only=True``) and a damaged file gets a clear
-message.
+"""Checkpoints: the training state ``fit`` saves and resumes exactly.
 
 ``Checkpointer`` is what ``fit`` uses: ``last.pt`` holds the model, optimizer, scheduler, gradient
 scaler, History, the position in the epoch, and every random state that decides what comes next
 (the global generators, the loader's generator and sampler state at the epoch's start). A run
-killed at any optimizer step therefore resumes to the same weights as a run never interrupted
-(bit for bit on the CPU with ``num_workers=0``; with worker processes the batches are the same but
-random augmentations inside the workers are drawn afresh).
+killed at any optimizer step therefore resumes to the same weights as a run never interrupted,
+bit for bit on the CPU. With loader worker processes the batches are the same, but random draws
+inside the workers (augmentation in the dataset) are made afresh after a mid-epoch resume, and
+after any resume with ``persistent_workers=True`` (a warning says so). The file is written
+atomically and loaded safely (``files.save_atomic``, ``files.load``).
 
 Example:
-    >>> import tempfile, torch
-    >>> path = Path(tempfile.mkdtemp()) / "last.pt"
-    >>> save_atomic({"w": torch.ones(2)}, path)
-    >>> load(path)["w"].tolist()
-    [1.0, 1.0]
+    >>> ck = Checkpointer("ckpt", save_every=500, model=model, optimizer=optimizer, loader=loader)
+    >>> start, history = ck.resume(epochs=10)    # (0, History()) without a checkpoint
 """
 from __future__ import annotations
 
-import os
-import pickle
 import random
 import re
-import tempfile
 import time
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,74 +26,48 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
+from .files import CheckpointError, load, save_atomic
 from .history import History
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is damaged or does not fit the model."""
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(f)`` on a temporary binary file beside ``path``, flush it to disk, then
-    rename it over ``path``: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the permissions of any new file here, so
-        # a dataset cache a TA fills on a shared drive stays readable for the students
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_atomic(obj, path) -> None:
-    """``torch.save(obj, path)`` so that ``path`` always holds either the old or the new file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load(path, map_location="cpu"):
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
-
-    A truncated or damaged file raises :class:`CheckpointError` naming the file and what to do.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,
-            KeyError, IndexError) as err:
-        # not chained: torch's own text advises an unsafe load (weights_only=False), never do that
-        raise CheckpointError(
-            f"The checkpoint {path} is damaged or incomplete ({type(err).__name__}), e.g. half-copied "
-            "from Google Drive or written to a full disk. Delete it to start the training afresh, or "
-            "replace it with a complete copy (the previous checkpoint, if you kept one). Do not load "
-            "it by other means: a damaged file cannot be repaired.") from None
-
-
 # ----------------------------------------------------------------------------- random states
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def rng_state() -> dict:
-    """The global random states (torch CPU, every CUDA device, numpy, Python), as CPU data."""
+    """The global random states (torch CPU, every CUDA GPU, Apple MPS, numpy, Python), as CPU data."""
     kind, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "mps": torch.mps.get_rng_state() if _mps_available() else None,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), *rest],
             "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`; works whatever device the tensors were loaded to."""
+    """Restore :func:`rng_state`; works whatever device the tensors were loaded to.
+
+    On a machine with another number of GPUs than the one that saved it (a lab node's checkpoint
+    resumed on Colab), the GPUs both have are restored and a warning says that random draws on
+    the GPUs (dropout) will not continue exactly as they would have.
+    """
     torch.set_rng_state(state["torch"].cpu())  # set_rng_state takes only a CPU byte tensor
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved = state["cuda"]
+    if saved and torch.cuda.is_available():
+        have = torch.cuda.device_count()
+        for i, s in enumerate(saved[:have]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+        if len(saved) != have:
+            both = min(len(saved), have)
+            restored = "GPU 0's" if both == 1 else f"those of GPUs 0 to {both - 1}"
+            warnings.warn(
+                f"The checkpoint holds the random states of {len(saved)} GPU{'s' * (len(saved) > 1)} and this "
+                f"machine has {have}: restored {restored}. Random draws on the GPUs (dropout, augmentations on "
+                "the GPU) will differ from the run that saved it: training continues, but not exactly as it "
+                "would have.", stacklevel=2)
+    if state.get("mps") is not None and _mps_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
@@ -159,8 +124,10 @@ class _SkipBatches:
 
 def skip_batches(loader, k: int, then):
     """Iterate ``loader`` from its ``k``-th batch. The indices of the skipped batches are drawn (so
-    the order is the one of an uninterrupted epoch) but their data is not loaded."""
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+    the order is the one of an uninterrupted epoch) but their data is not loaded, except for an
+    iterable dataset or a loader with persistent workers, which load them and throw them away (their
+    workers serve the whole run: a copy of the loader would start others)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None or _persistent(loader):
         it = iter(loader)
         for _ in range(k):
             next(it)
@@ -170,6 +137,16 @@ def skip_batches(loader, k: int, then):
             "generator", "prefetch_factor", "persistent_workers", "pin_memory_device")
     kwargs = {a: getattr(loader, a) for a in keep if hasattr(loader, a)}
     return iter(DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, k, then), **kwargs))
+
+
+def _persistent(loader) -> bool:
+    return getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0
+
+
+def _draw_worker_seed(loader) -> None:
+    """The draw with which a ``DataLoader`` seeds its workers when they start (one int64 from its
+    generator, or from the global one)."""
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
 
 
 # ----------------------------------------------------------------------------- fit's checkpoints
@@ -189,9 +166,23 @@ def parse_every(save_every) -> tuple[int | None, float | None]:
 class Checkpointer:
     """``last.pt`` in ``folder``: saved at each epoch's end and every ``save_every``; resumed exactly.
 
+    Args:
+        folder: where ``last.pt`` goes; None: no checkpoints (``save`` and ``resume`` do nothing).
+        save_every: optimizer steps (``500``), a time (``"10min"``) or None (epoch ends only).
+        model, optimizer, scheduler, scaler: what is saved and restored (scheduler and scaler may be None).
+        loader: the training loader, whose generators and sampler state decide the data order.
+        rank, world: this process and the number of processes (each saves its own random state;
+            rank 0 writes the file).
+
+    Between calls it remembers ``start``, the random states at the current epoch's start (a
+    mid-epoch checkpoint holds them, so that a resumed epoch draws the same order again),
+    ``pending``, what :meth:`resume` read for the next :meth:`batches`, and ``saved_at``, the time
+    of the last save (for ``save_every`` by time).
+
     Example (what ``fit`` does)::
 
-        ck = Checkpointer("ckpt", "10min", model, optimizer, scheduler, scaler, loader, rank, world)
+        ck = Checkpointer("ckpt", "10min", model=model, optimizer=optimizer, scheduler=scheduler,
+                          scaler=scaler, loader=loader, rank=rank, world=world)
         start, history = ck.resume(epochs)           # (0, History()) without a checkpoint
         batches, partial = ck.batches(start)         # skips what a resumed epoch had done
         for i, batch in batches:
@@ -199,12 +190,23 @@ class Checkpointer:
         ck.save(start + 1, 0, history)                # at the epoch's end
     """
 
-    def __init__(self, folder, save_every, model, optimizer, scheduler, scaler, loader, rank=0, world=1):
+    def __init__(self, folder, save_every="10min", *, model, optimizer, loader, scheduler=None, scaler=None,
+                 rank=0, world=1):
         self.path = Path(folder) / "last.pt" if folder else None
         self.every_steps, self.every_s = parse_every(save_every)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.loader, self.rank, self.world = loader, rank, world
-        self.saved_at, self.start, self.pending = time.monotonic(), None, None
+        self.start = None     # loader_state() at the current epoch's start
+        self.pending = None   # what resume() read, consumed by the next batches()
+        self.saved_at = time.monotonic()
+        if self.path is not None and _persistent(loader):
+            warnings.warn(
+                "Checkpoints with persistent_workers=True resume the data order and the model's random "
+                "draws exactly, but not the random draws inside the worker processes (random "
+                "augmentation in the dataset): those run on from epoch to epoch in the workers, where "
+                "a checkpoint cannot see them, so after a resume they differ from an uninterrupted "
+                "run. For an exact resume use persistent_workers=False (the workers restart each epoch "
+                "from a seed the checkpoint holds).", stacklevel=3)
 
     def resume(self, epochs) -> tuple[int, History]:
         """Load ``last.pt`` if there is one: returns (finished epochs, History)."""
@@ -222,8 +224,14 @@ class Checkpointer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
-        if isinstance(rng, dict):  # written before mid-epoch saves: one random state, at an epoch's end
+        if isinstance(rng, dict):  # the epoch-end-only format: one random state, taken at an epoch's end
             rng = [{"start": {"rng": rng, "generators": [], "samplers": []}, "now": rng}]
+        if len(rng) != self.world:
+            warnings.warn(
+                f"The checkpoint {self.path} was written by {len(rng)} process{'es' * (len(rng) > 1)} and this "
+                f"run has {self.world}: the model, optimizer, schedule and History resume, but each "
+                "process's share of the data and its random state were those of the other run, so "
+                "training continues, but not exactly as it would have.", stacklevel=3)
         mine = rng[self.rank] if len(rng) == self.world else rng[0]
         epoch, batch = state["epoch"], state.get("batch", 0)
         self.pending = {"partial": None, **mine, "batch": batch}
@@ -238,9 +246,18 @@ class Checkpointer:
         """``enumerate`` over this epoch's batches, from where a resumed run stopped; remembers the
         epoch's starting random state for :meth:`save`. Returns (iterator, partial epoch record)."""
         resume, self.pending = self.pending, None
+        persistent = resume is not None and _persistent(self.loader)
+        if persistent:
+            # Persistent workers draw their seed when they start, in the uninterrupted run at the
+            # start of epoch 0 only. Start them now, before the random states are restored, and
+            # make that draw again below only if this is epoch 0: the epoch then draws its order
+            # from the states the uninterrupted run had.
+            iter(self.loader)
         if resume is not None:
             set_loader_state(self.loader, resume["start"])
         self.start = loader_state(self.loader) if self.path is not None else None
+        if persistent and epoch == 0:
+            _draw_worker_seed(self.loader)
         if resume is None or resume["batch"] == 0:
             return enumerate(self.loader), None
         it = skip_batches(self.loader, resume["batch"], lambda: set_rng_state(resume["now"]))

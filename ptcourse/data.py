@@ -19,15 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tokenize
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import Dataset
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 # name -> (kind, splits, how to fetch it)
 DATASETS = {
@@ -231,13 +234,29 @@ def _read_meta(name: str) -> dict:
 
 def _read_npz(path: Path):
     try:
-        with np.load(path) as f:
-            images, labels = f["images"], f["labels"]
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zipfile.LargeZipFile) as err:
+        with zipfile.ZipFile(path) as z:
+            images, labels = _read_npy(z, "images.npy"), _read_npy(z, "labels.npy")
+    except (FileNotFoundError, PermissionError):
+        raise
+    # a damaged file fails in the zip structure (a flipped byte can name an unknown compression
+    # method), in zlib, in the CRC check or in the array header
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, zlib.error, EOFError, ValueError,
+            OSError, KeyError, SyntaxError, tokenize.TokenError) as err:
         raise _corrupt(path, err) from err
     if len(images) != len(labels):
         raise _corrupt(path, ValueError(f"{len(images)} images but {len(labels)} labels"))
     return images, labels.astype(np.int64)
+
+
+def _read_npy(z: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array of an ``.npz``, read to the end of its member so that the zip's CRC check covers
+    every byte (``np.load`` stops after the bytes its header asks for: a flipped byte in the header
+    that changes the shape would give a wrong array without an error)."""
+    with z.open(name) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+        if f.read(1):
+            raise ValueError(f"{name} holds more bytes than its header describes")
+    return array
 
 
 def _read_jsonl(path: Path):
@@ -319,23 +338,46 @@ def verify(name: str) -> list[str]:
 
 
 def download(name: str) -> Path:
-    """Download ``name`` from its canonical source into the cache (a no-op when already there)."""
+    """Download ``name`` from its canonical source into the cache (a no-op when already there).
+
+    Several processes may ask at once (``torchrun`` on an empty cache, ``pytest -n``, a lab's
+    shared cache): a lock file per dataset lets one of them download and write while the others
+    wait, and each looks at the cache again once it holds the lock, so the dataset is fetched and
+    written once and the others read it.
+    """
     kind, splits, source = _spec(name)
-    if (data_dir() / name / "meta.json").exists() and all(cached(name).values()):
+    if _complete(name):
         return data_dir() / name
+    data_dir().mkdir(parents=True, exist_ok=True)
+    lock = FileLock(data_dir() / f".{name}.lock")
     try:
-        if kind == "image":
-            fetched, names = _fetch_torchvision(name)
-        else:
-            fetched, names = _fetch_hf(name, source, splits)
-    except Exception as err:  # noqa: BLE001 - any failure to fetch becomes one clear message
-        raise DatasetMissingError(
-            f"Dataset {name!r} is not in the cache folder {data_dir() / name} and could not be "
-            f"downloaded from {source} ({type(err).__name__}: {str(err)[:200]}).\n"
-            f"To fix: connect to the internet and run `python -m ptcourse download {name}`, or point "
-            "PTCOURSE_DATA at a folder that already holds it (e.g. your lab's shared cache; "
-            "the layout is <name>/<split>.npz|jsonl + meta.json).") from err
-    return write_dataset(name, fetched, names, source)
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"Waiting for another process that is downloading {name!r} into {data_dir()} ...", flush=True)
+        lock.acquire()
+    try:
+        if _complete(name):
+            return data_dir() / name
+        try:
+            if kind == "image":
+                fetched, names = _fetch_torchvision(name)
+            else:
+                fetched, names = _fetch_hf(name, source, splits)
+        except Exception as err:  # noqa: BLE001 - any failure to fetch becomes one clear message
+            raise DatasetMissingError(
+                f"Dataset {name!r} is not in the cache folder {data_dir() / name} and could not be "
+                f"downloaded from {source} ({type(err).__name__}: {str(err)[:200]}).\n"
+                f"To fix: connect to the internet and run `python -m ptcourse download {name}`, or point "
+                "PTCOURSE_DATA at a folder that already holds it (e.g. your lab's shared cache; "
+                "the layout is <name>/<split>.npz|jsonl + meta.json).") from err
+        return write_dataset(name, fetched, names, source)
+    finally:
+        lock.release()
+
+
+def _complete(name: str) -> bool:
+    """Whether every split of ``name`` and its ``meta.json`` (written last) are in the cache."""
+    return (data_dir() / name / "meta.json").exists() and all(cached(name).values())
 
 
 def _fetch_torchvision(name):

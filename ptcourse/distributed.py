@@ -2,12 +2,13 @@
 
 ``torchrun``, ``accelerate launch`` and Accelerate's ``notebook_launcher`` set ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK``; :func:`setup` joins the process group (NCCL for CUDA, gloo for the
-CPU). Each process trains a DDP copy of the model on its own share of the data (:func:`shard_train`),
-evaluates an exact share of the validation set (:func:`shard_eval`), and sums numbers across
-processes (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces
-only CUDA tensors. A process group that :func:`setup` joined is left again when Python exits
-(:func:`leave`), as torch requires: without it a gloo process can abort at exit ("terminate called
-without an active exception") after training finished.
+CPU; several processes on a Mac train on the CPU, as gloo has no MPS support). Each process trains
+a DDP copy of the model on its own share of the data (:func:`shard_train`), evaluates an exact
+share of the validation set (:func:`shard_eval`), and sums numbers across processes
+(:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces only CUDA
+tensors. A process group that :func:`setup` joined is left again when Python exits (:func:`leave`),
+as torch requires: without it a gloo process can abort at exit ("terminate called without an
+active exception") after training finished.
 
 Example:
     >>> rank, local_rank, world = setup()
@@ -17,24 +18,26 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
 
 from .runtime import best_device
 
 
 def setup(device=None) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment, joining the process group."""
+    """(rank, local_rank, world_size) from the launcher's environment, joining the process group:
+    NCCL when this process trains on a GPU (made the current CUDA device, where NCCL works),
+    gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if on_cuda and local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if on_cuda else "gloo")
+        target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), world)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
         atexit.register(leave)  # runs before interpreter shutdown, while Python can still serve gloo's threads
     if dist.is_initialized():
         return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
@@ -52,12 +55,26 @@ def leave() -> None:
 
 
 def resolve_device(device, local_rank=0, world=1) -> torch.device:
-    """``device`` if given, else the best one (GPU ``local_rank`` when there are several processes)."""
+    """``device`` if given, else the best one for this process.
+
+    One process: the fastest device (CUDA, Apple MPS, CPU; ``PTCOURSE_DEVICE`` overrides). Several
+    processes: GPU ``local_rank`` when this process sees all the machine's GPUs, GPU 0 when it sees
+    fewer (a launcher that gives each process its own GPU through ``CUDA_VISIBLE_DEVICES``); without
+    CUDA, the CPU: the processes' collectives run over NCCL (CUDA) or gloo, and gloo, the only
+    backend on a Mac, has no MPS support.
+    """
     if device is None:
         device = best_device()
-        if device.type == "cuda" and world > 1:
-            device = torch.device("cuda", local_rank)
-    return torch.device(device)
+        if world > 1 and device.type == "mps" and not os.environ.get("PTCOURSE_DEVICE"):
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
+    if world > 1 and device.type == "mps":
+        raise ValueError(f"{world} processes cannot train on MPS: gloo, the backend that connects "
+                         "processes without CUDA, has no MPS support. Use device='cpu' (what fit "
+                         "chooses by itself on a Mac with several processes), or one process on MPS.")
+    return device
 
 
 def wrap(model, device, world):
@@ -79,31 +96,80 @@ def _loader_options(loader) -> dict:
     return {a: getattr(loader, a) for a in keep if hasattr(loader, a)}
 
 
+class ShardOf(Sampler):
+    """Rank ``rank``'s share of what another sampler (or batch sampler) picks each epoch: items
+    ``rank``, ``rank + world``, ... of its sequence.
+
+    Every rank must draw the same sequence, so the draw runs with torch's global CPU generator set
+    to ``seed + epoch`` (then put back): a sampler that draws from it (``SubsetRandomSampler``,
+    ``WeightedRandomSampler`` and ``RandomSampler`` without a generator) agrees on all ranks and
+    changes each epoch, and one with its own generator agrees when every rank built it alike.
+    ``pad``: repeat items from the start so that every rank gets the same number (training: DDP
+    steps all ranks together); without it the shares are an exact split (evaluation).
+    """
+
+    def __init__(self, sampler, rank: int, world: int, seed: int = 0, pad: bool = True):
+        self.sampler, self.rank, self.world, self.seed, self.pad, self.epoch = sampler, rank, world, seed, pad, 0
+        self.generator = getattr(sampler, "generator", None)  # saved in checkpoints with the loader's
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return math.ceil(n / self.world) if self.pad else len(range(self.rank, n, self.world))
+
+    def __iter__(self):
+        with torch.random.fork_rng(devices=[]):  # (the CPU generator, which samplers draw from)
+            torch.default_generator.manual_seed(self.seed + self.epoch)
+            items = list(self.sampler)
+        if self.pad and items:
+            total = len(self) * self.world
+            items += (items * math.ceil(total / len(items)))[:total - len(items)]
+        return iter(items[self.rank::self.world])
+
+
 def shard_train(loader, rank, world):
-    """This process's share of a training loader (a DistributedSampler), keeping every other option
-    (generator, worker_init_fn, persistent workers, ...). Shuffled if the original was."""
+    """This process's share of a training loader, keeping every other option (generator,
+    worker_init_fn, persistent workers, ...). The stock samplers become a ``DistributedSampler``
+    (shuffled if the original was); any other sampler (``SubsetRandomSampler``,
+    ``WeightedRandomSampler``, your own) keeps its choice, each rank taking its share
+    (:class:`ShardOf`)."""
     if world == 1:
         return loader
     if loader.batch_size is None:
         raise ValueError("fit() on several processes needs a DataLoader built with batch_size=; "
                          "a custom batch_sampler has no distributed version here.")
-    shuffle = isinstance(loader.sampler, RandomSampler)
     seed = loader.generator.initial_seed() % 2**31 if loader.generator is not None else 0  # same on all ranks
-    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, **_loader_options(loader))
+    sampler = loader.sampler
+    if type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
+                                              and sampler.num_samples == len(loader.dataset)):
+        shard = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
+                                   shuffle=type(sampler) is RandomSampler, seed=seed)
+    else:
+        shard = ShardOf(sampler, rank, world, seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=shard, **_loader_options(loader))
 
 
 def shard_eval(loader, rank, world):
-    """Every ``world``-th example for this rank: an exact split, no padding duplicates."""
+    """This rank's exact share of an evaluation loader, no padding duplicates: every ``world``-th
+    example in the loader's batch size, or, for a loader built with a ``batch_sampler``, every
+    ``world``-th of its batches as it makes them."""
     if world == 1:
         return loader
     options = {k: v for k, v in _loader_options(loader).items() if k != "drop_last"}
+    if loader.batch_size is None and loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=ShardOf(loader.batch_sampler, rank, world, pad=False),
+                          **options)
     return DataLoader(Subset(loader.dataset, range(rank, len(loader.dataset), world)),
-                      batch_size=loader.batch_size or 1, **options)
+                      batch_size=loader.batch_size, **options)
 
 
 def set_epoch(loader, epoch) -> None:
-    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+    """Tell this epoch's number to a sampler that shuffles by epoch (``DistributedSampler``, :class:`ShardOf`)."""
+    if isinstance(getattr(loader, "sampler", None), (DistributedSampler, ShardOf)):
         loader.sampler.set_epoch(epoch)
 
 

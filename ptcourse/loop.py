@@ -297,7 +297,8 @@ def fit(model, train_loader, *, epochs, loss_fn=None, step_fn=None, optimizer=No
     net = distributed.wrap(model if step_fn is None else _StepFn(model, step_fn), device, world)
     train_loader = distributed.shard_train(train_loader, rank, world)
     optimizer, scheduler = _optimizer_and_scheduler(model, optimizer, lr, scheduler)
-    ck = Checkpointer(checkpoint_dir, save_every, model, optimizer, scheduler, scaler, train_loader, rank, world)
+    ck = Checkpointer(checkpoint_dir, save_every, model=model, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, loader=train_loader, rank=rank, world=world)
     start, history = ck.resume(epochs)
     n_batches, steps = len(train_loader), 0
     bar = _progress_bar(progress and rank == 0, start, epochs, n_batches)

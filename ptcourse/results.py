@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import LOAD_AT_START, STARTED
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .runtime import profile
 
 KEY_PACKAGES = ("torch", "torchvision", "transformers", "datasets", "accelerate", "numpy", "scikit-learn")

@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -48,12 +49,26 @@ def best_device() -> torch.device:
 
 
 def _cuda_compute_capability() -> int:
-    """The first GPU's major compute capability, asked of ``nvidia-smi`` so that CUDA is not
-    initialised here (a kernel that initialised CUDA cannot fork workers for Accelerate's
-    ``notebook_launcher``); falls back to asking torch."""
+    """The major compute capability of the GPU this process uses (its ``cuda:0``, or the current
+    device once CUDA is initialised).
+
+    Before CUDA is initialised it is asked of ``nvidia-smi``, once per process, for the first GPU
+    in ``CUDA_VISIBLE_DEVICES`` (an index or a UUID): asking torch would initialise CUDA, and a
+    notebook kernel that has initialised CUDA cannot fork the processes of Accelerate's
+    ``notebook_launcher``. (``nvidia-smi`` numbers GPUs in PCI bus order, CUDA by default fastest
+    first: the two agree on a machine of identical GPUs or with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.)
+    """
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_capability()[0]
+    return _nvidia_smi_capability(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip())
+
+
+@functools.lru_cache(maxsize=None)
+def _nvidia_smi_capability(gpu: str) -> int:
+    """``nvidia-smi``'s compute capability of ``gpu`` (index or UUID; "" for physical GPU 0), else torch's."""
+    query = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader", *([f"--id={gpu}"] if gpu else [])]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.split()
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.split()
         return int(float(out[0]))
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return torch.cuda.get_device_capability()[0]

@@ -259,3 +259,29 @@ def test_text_dataset_with_unexpected_labels_is_refused(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetMissingError, match="label"):
         data.download("sst2")
     assert not (tmp_path / "sst2" / "meta.json").exists()
+
+
+def test_any_flipped_byte_in_a_cached_npz_gives_the_clear_error_or_the_right_data(tmp_path, monkeypatch):
+    """A byte flipped on a shared drive (or by a bad copy), anywhere in the file: reading it fails
+    in zlib, in the zip's CRC check or in the array header, and each must say which file and what to
+    do, like a truncated file. (A flip in a zip timestamp changes nothing and reads fine.)"""
+    monkeypatch.setenv("PTCOURSE_DATA", str(tmp_path))
+    images = (np.arange(100 * 8 * 8 * 3) % 7).astype(np.uint8).reshape(100, 8, 8, 3)  # compressible
+    data.write_dataset("cifar10", {"train": (images, np.arange(100) % 3), "test": (images[:5], np.zeros(5))},
+                       ["a", "b", "c"], "test")
+    path = tmp_path / "cifar10" / "train.npz"
+    good = path.read_bytes()
+    outcomes = set()
+    for i in range(len(good)):
+        flipped = bytearray(good)
+        flipped[i] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        try:
+            ds = data.load("cifar10", "train")
+        except data.DatasetCorruptError as err:
+            assert "train.npz" in str(err) and "Delete the folder" in str(err)
+            outcomes.add("clear error")
+        else:
+            assert torch.equal(ds.images, torch.from_numpy(images).permute(0, 3, 1, 2)), f"byte {i}"
+            outcomes.add("read fine")
+    assert "clear error" in outcomes

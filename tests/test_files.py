@@ -2,7 +2,7 @@
 import os
 import stat
 
-from ptcourse.checkpoint import atomic_write
+from ptcourse.files import atomic_write
 
 
 def test_atomic_write_gives_new_files_the_usual_permissions(tmp_path):

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from .. import data
+from ..distributed import resolve_device
 from ..runtime import profile
 from ..results import versions
 from .lab import hf_offline
@@ -36,8 +37,14 @@ def facts() -> dict:
     """The facts and warnings that :func:`doctor` prints, as a dict."""
     P = profile()
     vers = versions(SHOWN)
+    try:
+        ddp = resolve_device(None, 0, world=2).type  # where each of several processes (torchrun) trains
+        ddp = f"{ddp} ({'nccl' if ddp == 'cuda' else 'gloo'})"
+    except ValueError as err:  # PTCOURSE_DEVICE names a device several processes cannot use
+        ddp = f"not possible: {err}"
     info = {"python": platform.python_version(), "platform": platform.platform(), "versions": vers,
             "profile": P.name, "device": str(P.device), "precision": P.precision,
+            "ddp": ddp,
             "cpu_threads": torch.get_num_threads(), "data_dir": str(data.data_dir()),
             "datasets": {name: data.cached(name) for name in data.DATASETS},
             "hf_offline": hf_offline(),
@@ -52,8 +59,9 @@ def facts() -> dict:
         warnings.append("Colab is on a CPU runtime: Runtime > Change runtime type > T4 GPU, then rerun "
                         "(or keep going: the cpu profile works, just slower).")
     if P.device.type == "mps":
-        warnings.append("Apple MPS: mixed precision is off (fp32) and a few ops fall back to the CPU; "
-                        "set PYTORCH_ENABLE_MPS_FALLBACK=1 if an op is reported as unsupported.")
+        warnings.append("Apple MPS: mixed precision is off (fp32). If an op is reported as unsupported on "
+                        "MPS, PYTORCH_ENABLE_MPS_FALLBACK=1 runs it on the CPU instead (for one process; "
+                        "several processes (DDP) train on the CPU: gloo has no MPS support).")
     if torch.version.cuda and not torch.cuda.is_available() and not in_colab:
         info["note"] = "this torch is a CUDA build but no GPU is visible, so the course runs on the CPU"
     for name, need in MINIMUM.items():
@@ -90,6 +98,7 @@ def doctor() -> dict:
         print(f"{name:13s} {v or 'not installed'}")
     print(f"profile       {info['profile']}   device {info['device']}   precision {info['precision']}"
           f"   cpu threads {info['cpu_threads']}")
+    print(f"DDP           each process on: {info['ddp']}")
     if "gpu" in info:
         print(f"gpu           {info['gpu']}")
     print(f"data cache    {info['data_dir']}")
