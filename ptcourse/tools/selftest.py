@@ -21,7 +21,8 @@ names is really at work (a row whose feature is off fails even when the model st
   batch. With one GPU the NCCL row says that NCCL was not tested.
 
 It prints a pass/fail table headed by the device's name, the total time, and exits non-zero if
-anything failed. On a 2-core CPU it takes about a minute.
+anything failed. On a 2-core CPU it uses about 50 s of CPU time (longer in wall time when the
+machine is busy).
 """
 from __future__ import annotations
 
