@@ -3,6 +3,11 @@
 Notebook kernels inherit this process's environment, so setting the variables here makes every
 notebook run in the smoke profile, with results written outside the repository, even when the
 caller set nothing.
+
+The device under test is ``PTCOURSE_TEST_DEVICE`` (``cuda``, ``cpu``, ``mps``), else the best one
+here (CUDA when available): it becomes ``PTCOURSE_DEVICE``, which ``fit``, ``evaluate``, notebooks
+and subprocesses follow, and the ``device`` fixture. Tests marked ``cuda`` need a CUDA GPU and are
+skipped without one.
 """
 import atexit
 import os
@@ -15,6 +20,8 @@ import pytest
 os.environ.setdefault("PTCOURSE_PROFILE", "smoke")
 os.environ.setdefault("PTCOURSE_RESULTS", os.path.join(tempfile.gettempdir(), "ptcourse-test-results"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PTCOURSE_TEST_DEVICE"):
+    os.environ["PTCOURSE_DEVICE"] = os.environ["PTCOURSE_TEST_DEVICE"]
 # nbval discards a kernel's stderr: a kernel that crashes in native code would die without a trace.
 # Kernels started under pytest write faulthandler's traceback to a file instead (shown on failure).
 from ptcourse.tools.lab import crash_report, kernel_crash_logs, why_dead  # noqa: E402
@@ -56,11 +63,32 @@ def _fail_fast_when_a_kernel_dies():
 _fail_fast_when_a_kernel_dies()
 
 
+def pytest_configure(config):
+    wanted = os.environ.get("PTCOURSE_TEST_DEVICE", "")
+    if wanted.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"PTCOURSE_TEST_DEVICE={wanted}, but torch {torch.__version__} sees no CUDA GPU "
+                                    f"(torch.version.cuda={torch.version.cuda}).")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device under test: ``PTCOURSE_TEST_DEVICE``, else CUDA when available, else MPS, else the CPU."""
+    from ptcourse.runtime import best_device
+    return best_device()
+
+
 def pytest_collection_modifyitems(config, items):
-    """Notebook cells (nbval) belong to the slow tier, like tests marked ``slow`` by hand."""
+    """Notebook cells (nbval) belong to the slow tier, like tests marked ``slow`` by hand; tests
+    marked ``cuda`` are skipped where torch sees no CUDA GPU."""
+    import torch
+    no_cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
     for item in items:
         if str(item.fspath).endswith(".ipynb"):
             item.add_marker(pytest.mark.slow)
+        if no_cuda is not None and item.get_closest_marker("cuda"):
+            item.add_marker(no_cuda)
 
 
 @pytest.hookimpl(hookwrapper=True)

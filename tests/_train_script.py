@@ -14,11 +14,17 @@ import atexit
 import os
 import signal
 
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+# The tests that run this script compare weights bit for bit, which the course promises on the CPU
+# only (the selftest checks resume and DDP on a GPU): any GPU is hidden before torch starts, so the
+# run and its processes train on the CPU, over gloo, whatever the device under test is.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["PTCOURSE_DEVICE"] = "cpu"
 
-import ptcourse
-from ptcourse.chapters.bert_finetuning import LengthGroupedBatchSampler
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import ptcourse  # noqa: E402
+from ptcourse.chapters.bert_finetuning import LengthGroupedBatchSampler  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("out")

@@ -24,8 +24,11 @@ def test_profile_override_and_pick(monkeypatch):
 def test_automatic_profile_follows_the_hardware(monkeypatch):
     monkeypatch.delenv("PTCOURSE_PROFILE", raising=False)
     P = ptcourse.profile()
-    assert P.name == ("gpu" if torch.cuda.is_available() else "cpu")
-    assert P.precision == ("fp32" if P.device.type != "cuda" else P.precision)
+    assert P.name == ("gpu" if P.device.type == "cuda" else "cpu")    # (PTCOURSE_DEVICE=cpu on a GPU: cpu)
+    if P.device.type == "cuda":   # bf16 needs compute capability 8 (torch also says yes on a T4, emulated)
+        assert P.precision == ("bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16")
+    else:
+        assert P.precision == "fp32"
 
 
 def test_seed_everything_repeats_random_streams():

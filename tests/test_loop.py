@@ -31,9 +31,9 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 
 
-def test_fit_learns_and_beats_chance_on_held_out_data():
+def test_fit_learns_and_beats_chance_on_held_out_data(device):
     ptcourse.seed_everything(0)
-    model = mlp()
+    model = mlp().to(device)
     val = DataLoader(blobs(200, seed=1), batch_size=50)
     before = ptcourse.evaluate(model, val, {"acc": ptcourse.accuracy})
     history = ptcourse.fit(model, DataLoader(blobs(), batch_size=32, shuffle=True), epochs=5, lr=1e-2,
@@ -51,14 +51,14 @@ def test_grad_accum_equals_one_big_batch():
     for batch, accum in ((8, 4), (32, 1)):
         ptcourse.seed_everything(1)
         model = mlp()
-        ptcourse.fit(model, DataLoader(data, batch_size=batch), epochs=2, grad_accum=accum,
+        ptcourse.fit(model, DataLoader(data, batch_size=batch), epochs=2, grad_accum=accum, device="cpu",
                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(results[0], results[1], atol=1e-5)
     # and accumulation is not a no-op: batch 8 without accumulation ends elsewhere
     ptcourse.seed_everything(1)
     model = mlp()
-    ptcourse.fit(model, DataLoader(data, batch_size=8), epochs=2,
+    ptcourse.fit(model, DataLoader(data, batch_size=8), epochs=2, device="cpu",
                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
     assert not torch.allclose(torch.cat([p.detach().flatten() for p in model.parameters()]), results[1], atol=1e-3)
 
@@ -76,8 +76,8 @@ def test_partial_last_accumulation_window_equals_one_big_batch():
     for batch, accum in ((8, 2), (16, 1)):
         ptcourse.seed_everything(2)
         model = mlp()
-        hist = ptcourse.fit(model, DataLoader(data, batch_size=batch), epochs=2, grad_accum=accum, progress=False,
-                            optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+        hist = ptcourse.fit(model, DataLoader(data, batch_size=batch), epochs=2, grad_accum=accum, device="cpu",
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.5), progress=False)
         results.append(flat(model))
     assert len(hist.steps) == 6
     assert torch.allclose(results[0], results[1], atol=1e-6)
@@ -172,14 +172,14 @@ def test_nan_loss_stops_with_a_clear_message():
     assert "learning rate" in msg and "max_grad_norm" in msg
 
 
-def test_labels_out_of_range_are_explained():
+def test_labels_out_of_range_are_explained(device):
     x, y = blobs(32).tensors
     y[5] = 7
     with pytest.raises(ValueError, match=r"Labels must lie in 0\.\.3 .* labels from 0 to 7"):
         ptcourse.fit(mlp(), DataLoader(TensorDataset(x, y), batch_size=8), epochs=1, progress=False)
     y[5] = -1
     with pytest.raises(ValueError, match="labels from -1"):
-        ptcourse.evaluate(mlp(), DataLoader(TensorDataset(x, y), batch_size=8))
+        ptcourse.evaluate(mlp().to(device), DataLoader(TensorDataset(x, y), batch_size=8))
 
 
 def test_hugging_face_style_dict_batches():
@@ -270,7 +270,7 @@ def test_validation_with_step_fn_reports_the_training_objective():
 
     loader = DataLoader(TensorDataset(x, torch.zeros(128, dtype=torch.long)), batch_size=32)
     ptcourse.seed_everything(0)
-    h = ptcourse.fit(ae, loader, epochs=3, step_fn=recon, val_loader=loader, lr=1e-2, progress=False)
+    h = ptcourse.fit(ae, loader, epochs=3, step_fn=recon, val_loader=loader, lr=1e-2, progress=False, device="cpu")
     expected = torch.nn.functional.mse_loss(ae(x), x).item()
     assert h.last["val_loss"] == pytest.approx(expected, rel=1e-4)
     assert h["val_loss"][-1] < h["val_loss"][0]
@@ -287,7 +287,8 @@ def test_fit_zeroes_stale_gradients_before_the_first_step():
         if stale:
             x, y = blobs(32, seed=5).tensors
             torch.nn.functional.cross_entropy(model(x), y).backward()  # e.g. a cell that inspected gradients
-        ptcourse.fit(model, data, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), progress=False)
+        ptcourse.fit(model, data, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), progress=False,
+                     device="cpu")
         ends.append(flat(model))
     assert torch.equal(ends[0], ends[1])
 
@@ -322,12 +323,12 @@ def test_resume_is_exact_with_a_generator_loader_at_an_epoch_end(tmp_path):
         return DataLoader(blobs(64), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(4))
     ptcourse.seed_everything(0)
     ref = mlp()
-    ref_h = ptcourse.fit(ref, loader(), epochs=2, progress=False)
+    ref_h = ptcourse.fit(ref, loader(), epochs=2, progress=False, device="cpu")
     ptcourse.seed_everything(0)
-    ptcourse.fit(mlp(), loader(), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    ptcourse.fit(mlp(), loader(), epochs=1, checkpoint_dir=tmp_path, progress=False, device="cpu")
     ptcourse.seed_everything(99)
     model = mlp()
-    h = ptcourse.fit(model, loader(), epochs=2, checkpoint_dir=tmp_path, progress=False)
+    h = ptcourse.fit(model, loader(), epochs=2, checkpoint_dir=tmp_path, progress=False, device="cpu")
     assert torch.equal(flat(model), flat(ref)) and h.steps == ref_h.steps
 
 
@@ -366,7 +367,7 @@ def test_a_crash_at_any_step_resumes_to_the_same_weights(tmp_path, kind):
     def train(model, ck=None, loss_fn=None):
         return ptcourse.fit(model, LOADERS[kind](), epochs=3, grad_accum=2, lr=1e-2, loss_fn=loss_fn,
                             scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5),
-                            checkpoint_dir=ck, save_every=2, progress=False)
+                            checkpoint_dir=ck, save_every=2, progress=False, device="cpu")
     ptcourse.seed_everything(0)
     ref = dropout_mlp()
     ref_h = train(ref)
@@ -503,6 +504,7 @@ def test_mixed_precision_scaler_clipping_accumulation_and_schedule_match_the_tex
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ptcourse.fit(model, loader, epochs=2, optimizer=opt, grad_accum=3, max_grad_norm=0.5, precision=precision,
+                 device="cpu",
                  scheduler=torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=5), progress=False)
     assert torch.equal(flat(model), flat(ref))
 
