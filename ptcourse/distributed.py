@@ -7,8 +7,8 @@ a DDP copy of the model on its own share of the data (:func:`shard_train`), eval
 share of the validation set (:func:`shard_eval`), and sums numbers across processes
 (:func:`all_sum`, :func:`any_true`) with tensors on the training device: NCCL reduces only CUDA
 tensors. A process group that :func:`setup` joined is left again when Python exits (:func:`leave`),
-as torch requires: without it a gloo process can abort at exit ("terminate called without an
-active exception") after training finished.
+once gloo's worker threads have let go of every tensor handed to them: a late release during
+interpreter shutdown aborts the process ("terminate called without an active exception").
 
 Example:
     >>> rank, local_rank, world = setup()
@@ -20,6 +20,8 @@ import atexit
 import contextlib
 import math
 import os
+import pickle
+import time
 
 import torch
 import torch.distributed as dist
@@ -44,14 +46,46 @@ def setup(device=None) -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def leave() -> None:
-    """Destroy the process group, if one is still there (``setup`` calls this at exit for the group it
-    joined; a group you created yourself is yours to destroy). torch asks every process to do this
-    before it exits: a gloo worker thread that still holds a finished collective's tensors when the
-    interpreter shuts down aborts the process with "terminate called without an active exception"
-    (SIGABRT), at random, after training has finished."""
+def leave(timeout: float = 10.0) -> None:
+    """Destroy the process group, if one is still there, once no gloo worker thread holds a tensor
+    of ours (``setup`` calls this at exit for the group it joined; a group you created yourself is
+    yours to destroy).
+
+    Why the wait: gloo runs each collective on a worker thread, which lets go of the collective's
+    tensors a moment *after* the caller saw it finish. When Python drops a tensor first, the thread's
+    late release has to take the GIL to free the Python object; if that happens while the
+    interpreter shuts down, the process aborts with "terminate called without an active exception"
+    (SIGABRT) after training finished. ``destroy_process_group`` does not prevent it: once
+    ``DistributedDataParallel`` has been built (it imports ``torch._dynamo``), the gloo group
+    survives its destruction with its threads running (``python benchmarks/ddp_exit.py`` shows
+    both). So every tensor this module hands to a collective is kept (:func:`_hold`) until the
+    worker thread has let go of it (its use count falls back to 1), and only then released, while
+    Python is still fully alive.
+    """
+    deadline = time.monotonic() + timeout
+    while _HELD and time.monotonic() < deadline:
+        _HELD[:] = [t for t in _HELD if t._use_count() > 1]
+        if _HELD:
+            time.sleep(0.005)  # (releases the GIL, so the worker thread can finish)
+    _HELD.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# tensors given to collectives, kept until leave() sees that no gloo thread still holds them; the few
+# newest only (each step's vote and each epoch's sums are tiny, and older ones were released long ago)
+_HELD: list = []
+
+
+def _hold(t: torch.Tensor) -> torch.Tensor:
+    _HELD.append(t)
+    del _HELD[:-16]
+    return t
+
+
+def held() -> int:
+    """How many tensors handed to a collective a worker thread still holds (0 once all let go)."""
+    return sum(t._use_count() > 1 for t in _HELD)
 
 
 def resolve_device(device, local_rank=0, world=1) -> torch.device:
@@ -176,7 +210,7 @@ def set_epoch(loader, epoch) -> None:
 def all_sum(t: torch.Tensor, world) -> torch.Tensor:
     """Sum ``t`` over all processes, in place. ``t`` must be on the training device (NCCL needs CUDA)."""
     if world > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(_hold(t))
     return t
 
 
@@ -184,7 +218,7 @@ def any_true(flags: torch.Tensor, world) -> torch.Tensor:
     """Flags (0/1, on the training device) set to 1 where any process has 1, so that all processes
     stop, or save, together."""
     if world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        dist.all_reduce(_hold(flags), op=dist.ReduceOp.MAX)
     return flags
 
 
@@ -192,9 +226,15 @@ def gather(obj, world) -> list:
     """Every process's ``obj`` (a list in rank order; ``[obj]`` in one process)."""
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    # all_gather_object would hand gloo tensors it drops at once (see leave); these are held
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(on)
+    sizes = [_hold(torch.zeros(1, dtype=torch.int64, device=on)) for _ in range(world)]
+    dist.all_gather(sizes, _hold(torch.tensor([len(data)], device=on)))
+    longest = int(max(s.item() for s in sizes))
+    chunks = [_hold(torch.zeros(longest, dtype=torch.uint8, device=on)) for _ in range(world)]
+    dist.all_gather(chunks, _hold(torch.cat([data, torch.zeros(longest - len(data), dtype=torch.uint8, device=on)])))
+    return [pickle.loads(c[:int(n.item())].cpu().numpy().tobytes()) for c, n in zip(chunks, sizes)]
 
 
 def barrier(world) -> None:
