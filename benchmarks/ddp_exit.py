@@ -72,6 +72,9 @@ def soak(n, jobs):
             aborts += terminated
             if code != 0:
                 print(f"exit {code}:\n{tail}\n", flush=True)
+            done = sum(counts.values())
+            if done % 10 == 0:
+                print(f"  {done} runs so far: exit statuses {dict(counts)}", flush=True)
     load = os.getloadavg()[0]
     print(f"{n} runs, {jobs} at a time, {time.time() - t0:.0f} s, load {load:.1f} at the end: "
           f"exit statuses {dict(counts)}, 'terminate called' in {aborts}")
