@@ -1,4 +1,4 @@
-"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises``."""
+"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises | fork``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    fk = sub.add_parser("fork", help="point the Colab links, install cells and website at your fork of the course")
+    fk.add_argument("repository", help="OWNER/NAME on GitHub (or https://github.com/OWNER/NAME)")
+    fk.add_argument("--root", default=".", help="the course folder (default: .)")
     ex = sub.add_parser("exercises", add_help=False,
                         help="build | check | nbgrader: exercises/ and nbgrader sources from solutions/")
     ex.add_argument("rest", nargs=argparse.REMAINDER, help="see: python -m ptcourse exercises --help")
@@ -48,6 +51,11 @@ def main(argv=None) -> int:
     if args.command == "selftest":
         from .selftest import selftest
         return 0 if selftest(ddp=not args.no_ddp) else 1
+    if args.command == "fork":
+        from .meta import fork
+        changed = fork(args.repository, args.root)
+        print(f"{len(changed)} file(s) now name {args.repository}" + "".join(f"\n  {p}" for p in changed))
+        return 0
     if args.command == "results":
         from ..results import results_table
         from .sync import sync_notebooks, sync_readme
