@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ptcourse.tools import cli, exercises, meta
+from ptcourse.tools import cli, exercises, meta, published
 
 ROOT = Path(__file__).resolve().parent.parent
 FORK = "https://github.com/teacher/course"
@@ -42,6 +42,7 @@ def test_fork_points_badges_install_cells_and_pyproject_at_the_fork(tmp_path):
     for folder in ("docs", "chapters", "solutions", "exercises"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     notebooks = sorted(p for d in ("chapters", "solutions", "exercises") for p in (tmp_path / d).glob("*.ipynb"))
+    hashes = {p: published.code_sha256(p) for p in notebooks}
 
     assert cli.main(["fork", "teacher/course", "--root", str(tmp_path)]) == 0
 
@@ -52,5 +53,6 @@ def test_fork_points_badges_install_cells_and_pyproject_at_the_fork(tmp_path):
     assert f"github/{meta.REPO}/" not in readme
     for path in notebooks:
         assert _first_code(path) == meta.setup_cell(FORK), path.name
+        assert published.code_sha256(path) == hashes[path], "a recorded chapter stays valid in the fork"
     assert exercises.build(tmp_path, check=True) == [], "exercises/ is still what solutions/ generate"
     assert meta.fork("teacher/course", tmp_path) == [], "a second run changes nothing"

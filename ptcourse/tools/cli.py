@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    run.add_argument("--record", action="store_true",
+                     help="publish chapters: write each executed notebook back with its outputs and its record "
+                          "into results/, tied by the hash of its code (see ptcourse.tools.published)")
     fk = sub.add_parser("fork", help="point the Colab links, install cells and website at your fork of the course")
     fk.add_argument("repository", help="OWNER/NAME on GitHub (or https://github.com/OWNER/NAME)")
     fk.add_argument("--root", default=".", help="the course folder (default: .)")
@@ -90,9 +93,21 @@ def main(argv=None) -> int:
         root = Path(args.root).resolve()
         try:
             notebooks = lab.find_notebooks(root, args.notebooks)
+            if args.record and not args.notebooks:
+                notebooks = [p for p in notebooks if p.parent.name == "chapters"]
         except FileNotFoundError as err:
             print(err)
             return 2
+        if args.record:
+            from .published import RecordError, record
+            failed = 0
+            for path in notebooks:
+                try:
+                    record(path, prof, root=root, out_dir=args.out, timeout=args.timeout)
+                except RecordError as err:
+                    print(err)
+                    failed += 1
+            return 1 if failed else 0
         rows = lab.run_notebooks(notebooks, prof, Path(args.out), force=args.force, timeout=args.timeout)
         print()
         print(lab.summary(rows, Path(args.out) / "results"))
