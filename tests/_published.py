@@ -45,16 +45,19 @@ def example_notebook() -> dict:
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
-def record_example(root, out_dir=None) -> Path:
-    """Write the example into ``root/chapters/`` and record it (smoke profile); return its path."""
-    from ptcourse.tools.published import record
+def record_example(root) -> Path:
+    """Write the example into ``root/chapters/`` and record it as ``python -m ptcourse run --record --profile
+    smoke`` does; return its path."""
+    from ptcourse.tools import cli
 
     root = Path(root)
     path = root / "chapters" / f"{CHAPTER}.ipynb"
     path.parent.mkdir(parents=True, exist_ok=True)
     (root / "results").mkdir(exist_ok=True)
     nbformat.write(nbformat.from_dict(example_notebook()), path)
-    record(path, "smoke", root=root, out_dir=out_dir or root / "runs", timeout=300, echo=lambda *a: None)
+    code = cli.main(["run", "--record", str(path), "--profile", "smoke", "--root", str(root),
+                     "--out", str(root / "runs"), "--timeout", "300"])
+    assert code == 0, f"recording {path.name} failed (its messages are above)"
     return path
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises | fork``."""
+"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises | book | fork``."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     run.add_argument("--record", action="store_true",
                      help="publish chapters: write each executed notebook back with its outputs and its record "
                           "into results/, tied by the hash of its code (see ptcourse.tools.published)")
+    bk = sub.add_parser("book", help="build the course website (chapters with their outputs) into build/site/")
+    bk.add_argument("--root", default=".", help="the course folder (default: .)")
+    bk.add_argument("--out", default=None, help="output folder (default: ROOT/build/site)")
     fk = sub.add_parser("fork", help="point the Colab links, install cells and website at your fork of the course")
     fk.add_argument("repository", help="OWNER/NAME on GitHub (or https://github.com/OWNER/NAME)")
     fk.add_argument("--root", default=".", help="the course folder (default: .)")
@@ -54,6 +57,10 @@ def main(argv=None) -> int:
     if args.command == "selftest":
         from .selftest import selftest
         return 0 if selftest(ddp=not args.no_ddp) else 1
+    if args.command == "book":
+        from .book import build
+        build(args.root, args.out)
+        return 0
     if args.command == "fork":
         from .meta import fork
         changed = fork(args.repository, args.root)
