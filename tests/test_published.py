@@ -37,6 +37,15 @@ def _png_size(b64: str) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def _tiny_png() -> str:
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("P", (4, 3)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 # ----------------------------------------------------------------------------- the committed chapters
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_a_chapter_with_outputs_carries_those_of_its_recorded_run(path):
@@ -95,7 +104,7 @@ def test_output_problems_find_what_a_reader_should_not_get():
         cell({"output_type": "stream", "name": "stdout", "text": f"cache {Path.home() / 'x'}\n"}),
         cell({"output_type": "stream", "name": "stdout",
               "text": "ok: ../results/05.json, sentence-transformers/all-MiniLM-L6-v2, 12.3 steps/s, 3/4, "
-                      "https://github.com/ptcourse/ptcourse/blob/v1/x.ipynb, ~/data, <tmp>/run\n"}),
+                      "https://github.com/ptcourse/ptcourse/blob/v1/x.ipynb, ~/data, <tmp>/run, CUDA_HOME='/usr/local'\n"}),
     ]}
     problems = published.output_problems(nb, size=published.SIZE_BUDGET + 1)
     assert problems[0].startswith("2.00 MB, over the budget")
@@ -103,12 +112,12 @@ def test_output_problems_find_what_a_reader_should_not_get():
     for expected in ("cell 0: an error output", "cell 1: a widget", "cell 2: a image/svg+xml image",
                      "cell 3: a path of the machine that ran it: '/home/ada/ptcourse/model.pt'", "cell 4: a path"):
         assert expected in text
-    assert "cell 5" not in text, "relative paths, model ids, rates and URLs are not machine paths"
+    assert "cell 5" not in text, "relative paths, model ids, rates, URLs and system folders are not machine paths"
 
 
 def test_a_widget_becomes_what_it_showed():
     """nbclient's record of a slider + image widget (a VBox) becomes a line naming the slider's value and a PNG."""
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
+    png = _tiny_png()
     states = {"box": {"_model_name": "VBoxModel", "children": ["IPY_MODEL_z1", "IPY_MODEL_img"]},
               "z1": {"_model_name": "FloatSliderModel", "description": "z1", "value": 0.123456},
               "img": {"_model_name": "ImageModel", "format": "png"}}
@@ -121,6 +130,31 @@ def test_a_widget_becomes_what_it_showed():
     assert note["data"]["text/plain"] == "Interactive when you run the notebook: shown here at z1 = 0.1235."
     assert image["data"]["image/png"] == png
     assert published.output_problems(nb) == []
+
+
+def test_figures_are_reencoded_smaller_and_exactly_the_same():
+    import io
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 8, figsize=(8, 2.2))                    # an image grid, as the chapters draw
+    for ax, img in zip(axes.flat, np.random.default_rng(0).random((16, 28, 28))):
+        ax.imshow(img, cmap="gray")
+        ax.axis("off")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=published.FIGURE_DPI)
+    plt.close(fig)
+    png = base64.b64encode(buffer.getvalue()).decode()
+    smaller = published.smaller_png(png)
+    assert len(smaller) < 0.8 * len(png)
+
+    def pixels(b64):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    assert np.array_equal(pixels(smaller), pixels(png))
 
 
 def test_progress_bars_leave_their_last_line_and_folders_are_written_in_words(tmp_path):

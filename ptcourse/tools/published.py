@@ -12,7 +12,8 @@ or when the stored outputs are not from the run that made the record.
 
 The outputs are made for reading, on GitHub, in JupyterLab and on the course's website:
 
-* figures are PNG at :data:`FIGURE_DPI` dots per inch (the kernel's inline backend is set so);
+* figures are PNG at :data:`FIGURE_DPI` dots per inch (the kernel's inline backend is set so),
+  re-encoded losslessly as small as they go (:func:`smaller_png`);
 * progress bars are text, and only their last state is kept (``tqdm.auto`` would make widgets,
   which show nothing without a running kernel);
 * a widget (a slider with its picture) is replaced by what it showed when the cell ran, with a line
@@ -132,14 +133,19 @@ def _texts(output):
 _ABSOLUTE = re.compile(r"(?<![\w.~:/$<>@-])/[A-Za-z_][\w.-]*(?:/[\w.-]+)+|\b[A-Za-z]:\\[\w.\\-]+")
 
 
+# folders every Unix has, which say nothing about a user or a run (a library's warning may name /usr/local)
+_SYSTEM = ("/usr/", "/opt/", "/etc/", "/lib/", "/lib64/", "/bin/", "/sbin/", "/dev/", "/proc/", "/sys/")
+
+
 def machine_paths(text: str) -> list[str]:
-    """Absolute paths, the home folder, the temporary folder and the user name (as a folder) found in ``text``.
+    """Absolute paths, the home folder, the temporary folder and the user name (as a folder) found in
+    ``text``; the system's own folders (``/usr``, ``/opt``, ...) are not counted.
 
     Example:
-        >>> machine_paths("saved to /home/ada/ptcourse/x.pt; see ~/x and ../results/01.json")
+        >>> machine_paths("saved to /home/ada/ptcourse/x.pt; see ~/x, ../results/01.json and /usr/local/cuda")
         ['/home/ada/ptcourse/x.pt']
     """
-    found = [m.group(0) for m in _ABSOLUTE.finditer(text)]
+    found = [m.group(0) for m in _ABSOLUTE.finditer(text) if not (m.group(0) + "/").startswith(_SYSTEM)]
     user = getpass.getuser()
     local = [str(Path.home()), tempfile.gettempdir()] + ([f"/{user}/", f"\\{user}\\"] if len(user) > 2 else [])
     found += [p for p in local if len(p) > 1 and p in text and not any(p in f for f in found)]
@@ -226,6 +232,39 @@ def _merge_streams(outputs: list) -> list:
     return [o for o in merged if o.get("output_type") != "stream" or o["text"].strip()]
 
 
+def smaller_png(data: str) -> str:
+    """A base64 PNG re-encoded losslessly and smaller where it can be: opaque RGBA as RGB, at most 256
+    colours as a palette (a grey-scale image grid shrinks by about 40 %), maximum compression.
+
+    Example:
+        >>> import io, numpy as np; from PIL import Image
+        >>> grey = np.random.default_rng(0).integers(0, 256, (64, 64, 1), dtype=np.uint8)
+        >>> buffer = io.BytesIO(); Image.fromarray(np.dstack([grey, grey, grey, grey * 0 + 255])).save(buffer, "PNG")
+        >>> png = base64.b64encode(buffer.getvalue()).decode()
+        >>> len(smaller_png(png)) < 0.5 * len(png)
+        True
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    pixels = np.asarray(image.convert("RGBA"))
+    if pixels[..., 3].min() < 255:
+        return data                                    # transparency: leave it as it is
+    colours, index = np.unique(pixels[..., :3].reshape(-1, 3), axis=0, return_inverse=True)
+    if len(colours) <= 256:
+        image = Image.fromarray(index.reshape(pixels.shape[:2]).astype(np.uint8), mode="P")
+        image.putpalette(colours.astype(np.uint8).ravel().tolist())
+    else:
+        image = Image.fromarray(pixels[..., :3], mode="RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    smaller = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return smaller if len(smaller) < len(data) else data
+
+
 def _control_value(state: dict):
     if "_options_labels" in state and "index" in state:          # Dropdown, RadioButtons, ...
         index = state["index"]
@@ -279,6 +318,8 @@ def readable(nb, states: dict, buffers: dict, root: Path) -> None:
             for mime, value in (output.get("data") or {}).items():
                 if mime.startswith("text/"):
                     output["data"][mime] = _scrub(_source({"source": value}), rules, mime)
+                elif mime == "image/png":
+                    output["data"][mime] = smaller_png(_source({"source": value}).replace("\n", ""))
         cell["outputs"] = [from_dict(o) for o in outputs]
 
 
