@@ -67,6 +67,14 @@ def lab(tmp_path):
         pytest.fail(f"{NOTEBOOK} does not exist", pytrace=False)
     root = tmp_path / "chapters"
     shutil.copytree(NOTEBOOK.parent, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    # a chapter may carry the outputs of its recorded run: the copy starts without them, so that what
+    # the checks below find was made in this browser
+    copy = root / NOTEBOOK.name
+    nb = json.loads(copy.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    copy.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     env = dict(os.environ)
     env.setdefault("PTCOURSE_PROFILE", "smoke")  # conftest.py sets it; be explicit anyway
     with running_jupyterlab(root, tmp_path / "jupyter", env=env,

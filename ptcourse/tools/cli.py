@@ -1,4 +1,4 @@
-"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises``."""
+"""Command line: ``python -m ptcourse doctor | selftest | results | download | run | exercises | book | fork``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,15 @@ def main(argv=None) -> int:
     run.add_argument("--force", action="store_true", help="rerun notebooks that passed before")
     run.add_argument("--root", default=".", help="the course folder holding chapters/ and solutions/")
     run.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    run.add_argument("--record", action="store_true",
+                     help="publish chapters: write each executed notebook back with its outputs and its record "
+                          "into results/, tied by the hash of its code (see ptcourse.tools.published)")
+    bk = sub.add_parser("book", help="build the course website (chapters with their outputs) into build/site/")
+    bk.add_argument("--root", default=".", help="the course folder (default: .)")
+    bk.add_argument("--out", default=None, help="output folder (default: ROOT/build/site)")
+    fk = sub.add_parser("fork", help="point the Colab links, install cells and website at your fork of the course")
+    fk.add_argument("repository", help="OWNER/NAME on GitHub (or https://github.com/OWNER/NAME)")
+    fk.add_argument("--root", default=".", help="the course folder (default: .)")
     ex = sub.add_parser("exercises", add_help=False,
                         help="build | check | nbgrader: exercises/ and nbgrader sources from solutions/")
     ex.add_argument("rest", nargs=argparse.REMAINDER, help="see: python -m ptcourse exercises --help")
@@ -48,6 +57,15 @@ def main(argv=None) -> int:
     if args.command == "selftest":
         from .selftest import selftest
         return 0 if selftest(ddp=not args.no_ddp) else 1
+    if args.command == "book":
+        from .book import build
+        build(args.root, args.out)
+        return 0
+    if args.command == "fork":
+        from .meta import fork
+        changed = fork(args.repository, args.root)
+        print(f"{len(changed)} file(s) now name {args.repository}" + "".join(f"\n  {p}" for p in changed))
+        return 0
     if args.command == "results":
         from ..results import results_table
         from .sync import sync_notebooks, sync_readme
@@ -82,9 +100,21 @@ def main(argv=None) -> int:
         root = Path(args.root).resolve()
         try:
             notebooks = lab.find_notebooks(root, args.notebooks)
+            if args.record and not args.notebooks:
+                notebooks = [p for p in notebooks if p.parent.name == "chapters"]
         except FileNotFoundError as err:
             print(err)
             return 2
+        if args.record:
+            from .published import RecordError, record
+            failed = 0
+            for path in notebooks:
+                try:
+                    record(path, prof, root=root, out_dir=args.out, timeout=args.timeout)
+                except RecordError as err:
+                    print(err)
+                    failed += 1
+            return 1 if failed else 0
         rows = lab.run_notebooks(notebooks, prof, Path(args.out), force=args.force, timeout=args.timeout)
         print()
         print(lab.summary(rows, Path(args.out) / "results"))
