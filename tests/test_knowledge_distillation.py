@@ -345,3 +345,22 @@ def test_quantization_and_latency_survive_repeated_fresh_processes(tmp_path):
         run = subprocess.run([sys.executable, str(script), str(seed)], capture_output=True, text=True,
                              timeout=300, env=env)
         assert run.returncode == 0 and "ok" in run.stdout, f"run {seed} died ({run.returncode}):\n{run.stderr[-3000:]}"
+
+
+def test_a_saved_teacher_from_another_profile_or_too_weak_is_refused(tmp_path):
+    """Chapter 04's saved teacher is distilled from only if it was trained in this run's profile and
+    reached the accuracy chapter 05 needs; otherwise a clear refusal names the reason."""
+    from ptcourse.chapters.knowledge_distillation import TeacherRefused, load_teacher
+    from ptcourse.files import save_atomic
+    path = tmp_path / "resnet18_cifar10.pt"
+    save_atomic({"state_dict": {}, "profile": "smoke", "val_acc": 0.95}, path)
+    with pytest.raises(TeacherRefused, match="smoke profile, and this run uses the cpu profile"):
+        load_teacher(path, "cpu", min_accuracy=0.8)
+    save_atomic({"state_dict": {}, "profile": "cpu", "val_acc": 0.41}, path)
+    with pytest.raises(TeacherRefused, match="validation accuracy 0.410, below the 0.80"):
+        load_teacher(path, "cpu", min_accuracy=0.8)
+    save_atomic({"state_dict": {}, "profile": "cpu", "test_acc": 0.95}, path)   # an older file: no val_acc
+    with pytest.raises(TeacherRefused, match="no recorded validation accuracy"):
+        load_teacher(path, "cpu", min_accuracy=0.8)
+    save_atomic({"state_dict": {"w": 1}, "profile": "cpu", "val_acc": 0.9}, path)
+    assert load_teacher(path, "cpu", min_accuracy=0.8)["state_dict"] == {"w": 1}

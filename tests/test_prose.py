@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ptcourse.tools.sync import MEASURED, measured_block, sync_notebooks, unrecorded_numbers
+from ptcourse.tools.sync import MEASURED, measured_block, sync_notebooks, unrecorded_numbers, unsupported_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
@@ -61,3 +61,28 @@ def test_a_planted_wrong_number_and_a_stale_table_are_caught(tmp_path):
     assert [p.name for p in sync_notebooks(tmp_path, tmp_path / "results", check=True)] == [f"{chapter}.ipynb"]
     sync_notebooks(tmp_path, tmp_path / "results")
     assert sync_notebooks(tmp_path, tmp_path / "results", check=True) == []
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_prose_comparisons_are_the_records_verdicts(path):
+    bad = unsupported_claims(path, _record(path.stem))
+    assert not bad, f"{path.name}: comparative claims no verdict of its record supports:\n" + "\n".join(bad)
+
+
+def test_a_planted_comparative_claim_is_caught():
+    record = {"verdicts": [
+        {"key": "kd_vs_scratch", "method": "distilled", "baseline": "scratch", "outcome": "not told apart"},
+        {"key": "transfer_vs_scratch", "method": "kd_transfer", "baseline": "scratch", "outcome": "ahead"}]}
+
+    def nb(text):
+        return {"cells": [{"cell_type": "markdown", "metadata": {}, "source": text}]}
+    honest = ("Distilled and scratch are not told apart. <!-- verdict:kd_vs_scratch --> "
+              "With a transfer set, kd_transfer beats scratch. <!-- verdict:transfer_vs_scratch -->")
+    assert unsupported_claims(nb(honest), record) == []
+    planted = "Distillation helps: distilled beats scratch. <!-- verdict:kd_vs_scratch -->"
+    assert "says 'ahead' but verdict kd_vs_scratch is 'not told apart'" in unsupported_claims(nb(planted), record)[0]
+    untagged = "Here distilled beats scratch by a wide margin."
+    assert unsupported_claims(nb(untagged), record)[0].startswith("no verdict tag on a comparison of distilled")
+    unknown = "kd_transfer beats scratch. <!-- verdict:made_up -->"
+    assert "which the record does not hold" in unsupported_claims(nb(unknown), record)[0]
+    assert unsupported_claims(nb(planted), {"metrics": {}}) == []   # a record without verdicts: not checked

@@ -110,10 +110,45 @@ def measured_block(chapter: str, record: dict | None) -> str:
             f"{record.get('cpu_count', '?')} cores")
     lines = [head + f"Generated from `results/{chapter}.json` (profile `{record['profile']}`, "
              f"{record['device']}, {record['wall_time_s'] / 60:.1f} min{busy}, recorded "
-             f"{record['recorded'][:10]}). Your own run prints its numbers above; they differ a little "
-             "from machine to machine.", "", "| metric | value |", "|---|---|"]
+             f"{record['recorded'][:10]}). Your own run prints its numbers above; a run on another "
+             "machine can differ in the last digits."]
+    lines += _verdict_lines(record.get("verdicts") or [])
+    lines += _search_lines(record.get("searches") or {})
+    lines += ["", "<details><summary>The whole record</summary>", "", "| metric | value |", "|---|---|"]
     lines += [f"| `{k}` | {fmt(v)} |" for k, v in record["metrics"].items()]
+    lines += ["", "</details>"]
     return "\n".join(lines)
+
+
+def _verdict_lines(verdicts: list) -> list[str]:
+    """The chapter's comparisons in words, what their intervals cover, and the multiple-comparison note."""
+    if not verdicts:
+        return []
+    told = sum(v["outcome"] in ("ahead", "behind") for v in verdicts)
+    lines = ["", f"**Verdicts** ({len(verdicts)} comparisons over paired seeds, 95 % intervals):", ""]
+    for v in verdicts:
+        holm = "" if v["outcome"] not in ("ahead", "behind") else \
+            (" (stands after Holm)" if v.get("holm") else " (not after Holm's correction)")
+        lines.append(f"* {v['words']}{holm}")
+    covers = sorted({v.get("covers", "") for v in verdicts} - {""})
+    fixed = sorted({v.get("fixed", "") for v in verdicts} - {""})
+    lines += ["", f"The intervals cover {'; '.join(covers) or 'the seeds'}"
+              + (f", not {'; '.join(fixed)}" if fixed else "") + ". "
+              f"With {len(verdicts)} comparisons, about {0.05 * len(verdicts):.1f} would clear zero by chance "
+              f"if nothing differed; {told} did. Holm's rule keeps the chance of any false call at 5 % "
+              "for the whole set."]
+    return lines
+
+
+def _search_lines(searches: dict) -> list[str]:
+    """One row per choice made on validation: the grid, the choice, and a flag at the grid's edge."""
+    if not searches:
+        return []
+    lines = ["", "**Choices made on validation:**", "", "| choice | grid | chosen | trials | at the edge |",
+             "|---|---|---|---|---|"]
+    for name, e in searches.items():
+        lines.append(f"| {name} | {fmt(e['grid'])} | {fmt(e['chosen'])} | {e['trials']} | {e.get('edge') or 'no'} |")
+    return lines
 
 
 def sync_notebooks(root, folder=None, check: bool = False) -> list[Path]:
@@ -187,4 +222,60 @@ def unrecorded_numbers(notebook, record: dict | None) -> list[str]:
                 scale = (100, 1) if m.group(2) == "%" else (1,)
                 if not any(abs(round(v * s, decimals) - shown) < 1e-9 for v in values for s in scale):
                     bad.append(m.group(0))
+    return bad
+
+
+# the prose's comparative words, by the verdict outcome they claim
+CLAIM_WORDS = {
+    "ahead": ("beats", "beat ", "is ahead", "stays ahead", "outperforms", "helps", "is better than", "a real gain"),
+    "behind": ("is behind", "falls behind", "hurts", "is worse than", "loses to"),
+    "not told apart": ("not told apart", "no clear difference", "cannot tell", "can't tell", "closes the gap"),
+}
+VERDICT_TAG = re.compile(r"<!--\s*verdict:\s*([0-9A-Za-z_]+)\s*-->")
+
+
+def unsupported_claims(notebook, record: dict | None) -> list[str]:
+    """Comparative claims in the prose that the record's verdicts do not support.
+
+    A sentence that compares (``beats``, ``helps``, ``is behind``, ``not told apart``, ...) two
+    methods of a recorded verdict must carry that verdict's tag, ``<!-- verdict:KEY -->``, and its
+    words must say what the verdict says: "beats" for ``ahead``, "not told apart" where the interval
+    includes zero. Returned: the offending sentences with the reason. Only chapters whose record holds
+    ``verdicts`` are checked.
+
+    Example:
+        >>> record = {"verdicts": [{"key": "kd", "method": "distilled", "baseline": "scratch",
+        ...                         "outcome": "not told apart"}]}
+        >>> nb = {"cells": [{"cell_type": "markdown", "source": "Distilled beats scratch. <!-- verdict:kd -->"}]}
+        >>> unsupported_claims(nb, record)[0].startswith("says 'ahead' but verdict kd is 'not told apart'")
+        True
+    """
+    verdicts = {v["key"]: v for v in (record or {}).get("verdicts") or []}
+    if not verdicts:
+        return []
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8")) if not isinstance(notebook, dict) else notebook
+    bad = []
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] != "markdown" or MEASURED.match(src):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?!<!--)|\n\n", src):
+            low = sentence.lower()
+            said = [o for o, words in CLAIM_WORDS.items() if any(w in low for w in words)]
+            tags = VERDICT_TAG.findall(sentence)
+            if not said:
+                continue
+            if not tags:
+                names = [v for v in verdicts.values()
+                         if v["method"].lower().split(" (")[0] in low and v["baseline"].lower().split(" (")[0] in low]
+                if names:
+                    bad.append(f"no verdict tag on a comparison of {names[0]['method']} and {names[0]['baseline']}: "
+                               f"{sentence.strip()[:160]}")
+                continue
+            for key in tags:
+                v = verdicts.get(key)
+                if v is None:
+                    bad.append(f"tags verdict {key}, which the record does not hold: {sentence.strip()[:160]}")
+                elif v["outcome"] not in said:
+                    bad.append(f"says '{said[0]}' but verdict {key} is '{v['outcome']}': {sentence.strip()[:160]}")
     return bad
