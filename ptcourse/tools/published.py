@@ -373,7 +373,7 @@ def record(path, profile_name: str, root=None, out_dir="runs", timeout: int = 18
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
     from .lab import crash_report, kernel_crash_logs, why_dead
 
     path = Path(path).resolve()
