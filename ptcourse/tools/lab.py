@@ -226,8 +226,6 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
     Notebooks recorded as passed in ``status.json`` (same profile) are skipped unless ``force``.
     """
     import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, DeadKernelError
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,25 +247,8 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
                 continue
             echo(f"run   {key} ({profile_name}) ...")
             nb = nbformat.read(path, as_version=4)
-            progress = {"cell": None, "km": None}
-            for old in crash_dir.glob("kernel-*.log"):
-                old.unlink()
-            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                    resources={"metadata": {"path": str(path.parent)}},
-                                    on_notebook_start=lambda notebook: progress.update(km=client.km),
-                                    on_cell_start=lambda cell, cell_index: progress.update(cell=cell_index))
-            t0, error = time.time(), None
-            try:
-                client.execute()
-            except CellExecutionError as err:
-                error = f"{err.ename}: {err.evalue}"[:300]
-            except DeadKernelError:
-                error = f"the kernel died in cell {progress['cell']} ({why_dead(progress['km'])})"
-                crash = crash_report(crash_dir)
-                if crash:
-                    error += "\n" + crash
-            except Exception as err:  # noqa: BLE001 - a timeout, a kernel that did not start, ...
-                error = f"{type(err).__name__} in cell {progress['cell']}: {err}"[:300]
+            t0 = time.time()
+            error, _ = execute(nb, path, timeout, crash_dir)
             dest = out_dir / path.parent.name / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, dest)
@@ -281,6 +262,36 @@ def run_notebooks(notebooks, profile_name: str, out_dir: Path, force: bool = Fal
         os.environ.clear()
         os.environ.update(env_before)
     return rows
+
+
+def execute(nb, path: Path, timeout: int, crash_dir: Path, **client_options):
+    """Run ``nb`` (read from ``path``) in a fresh kernel in the notebook's folder.
+
+    Returns ``(error, client)``: ``error`` is ``None`` if every cell ran, else why not (the failing
+    cell and its error, a dead kernel's cause and native crash report, a timeout); ``client`` is the
+    ``nbclient.NotebookClient`` (its widget state, for instance). ``client_options`` go to it."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+    progress = {"cell": None, "km": None}
+    for old in crash_dir.glob("kernel-*.log"):
+        old.unlink()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_notebook_start=lambda notebook: progress.update(km=client.km),
+                            on_cell_start=lambda cell, cell_index: progress.update(cell=cell_index),
+                            **client_options)
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = f"cell {progress['cell']}: {err.ename}: {err.evalue}"[:500]
+    except DeadKernelError:
+        crash = crash_report(crash_dir)
+        error = f"the kernel died in cell {progress['cell']} ({why_dead(progress['km'])})" + (f"\n{crash}" if crash else "")
+    except Exception as err:  # noqa: BLE001 - a timeout, a kernel that did not start, ...
+        error = f"{type(err).__name__} in cell {progress['cell']}: {err}"[:500]
+    return error, client
 
 
 def summary(rows, results_dir: Path) -> str:

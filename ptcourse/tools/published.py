@@ -370,11 +370,9 @@ def record(path, profile_name: str, root=None, out_dir="runs", timeout: int = 18
         >>> record("chapters/05_knowledge_distillation.ipynb", "cpu")    # doctest: +SKIP
     """
     import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, DeadKernelError
 
     from ..files import atomic_write
-    from .lab import crash_report, kernel_crash_logs, why_dead
+    from .lab import execute, kernel_crash_logs
 
     path = Path(path).resolve()
     root = Path(root).resolve() if root else path.parent.parent
@@ -396,23 +394,10 @@ def record(path, profile_name: str, root=None, out_dir="runs", timeout: int = 18
         MPLBACKEND="module://matplotlib_inline.backend_inline",
         **kernel_crash_logs(crash_dir))
     record_kernel(os.environ["IPYTHONDIR"])
-    for old in crash_dir.glob("kernel-*.log"):
-        old.unlink()
     echo(f"record {path.relative_to(root)} ({profile_name}) ...")
-    progress = {"cell": None, "km": None}
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
-                            record_timing=False, resources={"metadata": {"path": str(path.parent)}},
-                            on_notebook_start=lambda notebook: progress.update(km=client.km),
-                            on_cell_start=lambda cell, cell_index: progress.update(cell=cell_index))
-    t0, error = time.time(), None
+    t0 = time.time()
     try:
-        client.execute()
-    except CellExecutionError as err:
-        error = f"cell {progress['cell']}: {err.ename}: {err.evalue}"[:500]
-    except DeadKernelError:
-        error = f"the kernel died in cell {progress['cell']} ({why_dead(progress['km'])})\n{crash_report(crash_dir)}"
-    except Exception as err:  # noqa: BLE001 - a timeout, a kernel that did not start, ...
-        error = f"{type(err).__name__} in cell {progress['cell']}: {err}"[:500]
+        error, client = execute(nb, path, timeout, crash_dir, store_widget_state=True, record_timing=False)
     finally:
         os.environ.clear()
         os.environ.update(env_before)
