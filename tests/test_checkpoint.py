@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import ptcourse
 from ptcourse import checkpoint, files
 
+from _crash import Crash, crash_at
+
 
 def blobs(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -151,19 +153,6 @@ def test_a_sound_file_with_a_type_outside_the_allowlist_is_not_called_damaged(tm
 
 
 # ----------------------------------------------------------------------------- persistent workers
-class Crash(Exception):
-    pass
-
-
-def crash_at(at):
-    count = {"n": 0}
-
-    def loss_fn(logits, y):
-        count["n"] += torch.is_grad_enabled()
-        if count["n"] == at:
-            raise Crash
-        return torch.nn.functional.cross_entropy(logits, y)
-    return loss_fn
 
 
 def persistent_loader():

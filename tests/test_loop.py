@@ -17,6 +17,8 @@ from ptcourse import checkpoint, distributed, loop
 from ptcourse.chapters.bert_finetuning import LengthGroupedBatchSampler
 from ptcourse.loop import NonFiniteLossError
 
+from _crash import Crash, crash_at
+
 SCRIPT = Path(__file__).with_name("_train_script.py")
 
 
@@ -332,19 +334,6 @@ def test_resume_is_exact_with_a_generator_loader_at_an_epoch_end(tmp_path):
     assert torch.equal(flat(model), flat(ref)) and h.steps == ref_h.steps
 
 
-class Crash(Exception):
-    pass
-
-
-def _crashing_loss(at):
-    count = {"n": 0}
-
-    def loss_fn(logits, y):
-        count["n"] += torch.is_grad_enabled()
-        if count["n"] == at:
-            raise Crash
-        return torch.nn.functional.cross_entropy(logits, y)
-    return loss_fn
 
 
 def dropout_mlp():
@@ -376,7 +365,7 @@ def test_a_crash_at_any_step_resumes_to_the_same_weights(tmp_path, kind):
         ck = tmp_path / f"at{at}"
         ptcourse.seed_everything(0)
         with pytest.raises(Crash):
-            train(dropout_mlp(), ck, _crashing_loss(at))
+            train(dropout_mlp(), ck, crash_at(at))
         ptcourse.seed_everything(1000 + at)
         model = dropout_mlp()
         h = train(model, ck)
