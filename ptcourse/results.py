@@ -19,7 +19,7 @@ import torch
 
 from . import LOAD_AT_START, STARTED
 from .files import atomic_write
-from .runtime import profile
+from .runtime import cpu_kernels, profile
 
 KEY_PACKAGES = ("torch", "torchvision", "transformers", "datasets", "accelerate", "numpy", "scikit-learn")
 
@@ -71,7 +71,7 @@ def report(chapter: str, metrics: dict, *, searches=None, verdicts=None, quiet: 
               "precision": P.precision, "wall_time_s": round(time.time() - STARTED, 1),
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "versions": versions(),
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu_kernels": cpu_kernels(),
               # the 1-minute load average when ptcourse was imported and now: a wall time measured
               # while other programs ran (load above cpu_count) is not the chapter's own time
               "load_avg": [LOAD_AT_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}

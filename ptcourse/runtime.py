@@ -142,3 +142,40 @@ def seed_everything(seed: int = 0) -> int:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return seed
+
+
+#: The environment that makes a CPU run's numbers the same bits on every x86-64 machine with AVX2.
+#: Same seeds, same code and same machine already give the same bits; what changes them between
+#: machines is that PyTorch's own kernels (``ATEN_CPU_CAPABILITY``), oneDNN's (convolutions,
+#: ``ONEDNN_MAX_CPU_ISA``) and MKL's (matrix products, ``MKL_CBWR``) each pick the widest vector
+#: instructions the processor has (AVX-512 on one server, AVX2 on the next), and a wider vector
+#: sums in another order. Pinning all three to AVX2 removes that; the number of threads must match
+#: too (it splits the sums), so a record stores it. ``python benchmarks/reproducibility.py``
+#: measures each effect and the cost.
+PINNED_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def pinned_cpu_kernels() -> dict:
+    """The environment for a reproducible recorded run on this machine (set before ``torch`` starts).
+
+    :data:`PINNED_CPU_KERNELS` where the processor has AVX2 or wider; nothing elsewhere (an ARM
+    Mac, an old processor), where the record's numbers are this machine's own.
+
+    Example:
+        >>> env = pinned_cpu_kernels()
+        >>> env in ({}, PINNED_CPU_KERNELS)
+        True
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    return dict(PINNED_CPU_KERNELS) if capability.startswith("AVX2") or capability.startswith("AVX512") else {}
+
+
+def cpu_kernels() -> dict:
+    """What decided this process's CPU kernels: the vector instructions in use, and the pins that were set.
+
+    Example:
+        >>> sorted(cpu_kernels())
+        ['capability', 'pinned']
+    """
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            "pinned": {k: os.environ[k] for k in PINNED_CPU_KERNELS if k in os.environ}}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ptcourse.tools.sync import MEASURED, measured_block, sync_notebooks, unrecorded_numbers, unsupported_claims
+from ptcourse.tools.sync import MEASURED, _score_lines, measured_block, sync_notebooks, unrecorded_numbers, unsupported_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
@@ -86,3 +86,15 @@ def test_a_planted_comparative_claim_is_caught():
     unknown = "kd_transfer beats scratch. <!-- verdict:made_up -->"
     assert "which the record does not hold" in unsupported_claims(nb(unknown), record)[0]
     assert unsupported_claims(nb(planted), {"metrics": {}}) == []   # a record without verdicts: not checked
+
+
+def test_the_measured_cell_shows_scores_over_seeds_as_mean_and_spread():
+    """Per-seed lists become 'mean ± sd' rows and a {method: {budget: seeds}} table a methods × budgets grid."""
+    metrics = {"acc_scratch": [0.5, 0.7], "budgets": [4, 32], "note": "x",
+               "acc": {"lora": {"4": [0.5, 0.7], "32": [0.8, 0.8]}, "probe": {"4": [0.1, 0.3]}}}
+    text = "\n".join(_score_lines(metrics))
+    assert "| lora | 0.6 ± 0.14 | 0.8 ± 0 |" in text
+    assert "| probe | 0.2 ± 0.14 |  |" in text            # a budget a method was not run at stays empty
+    assert "| acc scratch | 0.6 ± 0.14 | 2 |" in text
+    assert "| budgets | 18 ± 20 | 2 |" in text             # any list of numbers is shown; a chapter keeps them apart
+    assert _score_lines({"acc": [0.5], "n": 3}) == []

@@ -21,6 +21,7 @@ import nbformat
 import pytest
 
 from _published import CHAPTER, example_notebook, load, record_example
+from ptcourse.runtime import pinned_cpu_kernels
 from ptcourse.tools import meta, published
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,6 +204,10 @@ def test_record_publishes_readable_outputs_tied_to_the_record(recorded):
     assert "".join(note["data"]["text/plain"]) == "Interactive when you run the notebook: shown here at k = 2."
     assert "image/png" in shown["data"]
     assert f"in ../results/{CHAPTER}.json" in "".join(report["outputs"][0]["text"])
+    # the recorded kernel ran with the CPU kernels pinned where this processor allows it, and says so
+    assert record["cpu_kernels"]["pinned"] == pinned_cpu_kernels()
+    if pinned_cpu_kernels():
+        assert record["cpu_kernels"]["capability"] == "AVX2"
 
 
 @pytest.mark.slow

@@ -372,6 +372,7 @@ def record(path, profile_name: str, root=None, out_dir="runs", timeout: int = 18
     import nbformat
 
     from ..files import atomic_write
+    from ..runtime import pinned_cpu_kernels
     from .lab import execute, kernel_crash_logs
 
     path = Path(path).resolve()
@@ -392,6 +393,8 @@ def record(path, profile_name: str, root=None, out_dir="runs", timeout: int = 18
         # relative to the kernel's folder (the notebook's), so report() prints ../results/<chapter>.json
         PTCOURSE_RESULTS=os.path.relpath(record_path.parent, path.parent),
         MPLBACKEND="module://matplotlib_inline.backend_inline",
+        # the same bits on another x86 machine with the same thread count (runtime.PINNED_CPU_KERNELS)
+        **pinned_cpu_kernels(),
         **kernel_crash_logs(crash_dir))
     record_kernel(os.environ["IPYTHONDIR"])
     echo(f"record {path.relative_to(root)} ({profile_name}) ...")

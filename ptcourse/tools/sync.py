@@ -110,14 +110,60 @@ def measured_block(chapter: str, record: dict | None) -> str:
             f"{record.get('cpu_count', '?')} cores")
     lines = [head + f"Generated from `results/{chapter}.json` (profile `{record['profile']}`, "
              f"{record['device']}, {record['wall_time_s'] / 60:.1f} min{busy}, recorded "
-             f"{record['recorded'][:10]}). Your own run prints its numbers above; a run on another "
-             "machine can differ in the last digits."]
+             f"{record['recorded'][:10]}). Your own run prints its numbers above. {_reruns(record)}"]
+    lines += _score_lines(record["metrics"])
     lines += _verdict_lines(record.get("verdicts") or [])
     lines += _search_lines(record.get("searches") or {})
     lines += ["", "<details><summary>The whole record</summary>", "", "| metric | value |", "|---|---|"]
     lines += [f"| `{k}` | {fmt(v)} |" for k, v in record["metrics"].items()]
     lines += ["", "</details>"]
     return "\n".join(lines)
+
+
+def _reruns(record: dict) -> str:
+    """What a rerun can expect to reproduce, from the thread count and the CPU kernels the record names."""
+    if record.get("profile") == "smoke":
+        return "A smoke run: tiny subsets, so its numbers show that the code runs and measure nothing."
+    pinned = (record.get("cpu_kernels") or {}).get("pinned")
+    if record.get("device") == "cpu" and pinned:
+        return (f"This run pinned its CPU kernels to AVX2 on {record.get('threads', '?')} threads, so a rerun "
+                "with as many threads on an x86 machine with AVX2 repeats its numbers; elsewhere they differ "
+                "in the last digits at first, and training can grow that into the seed-to-seed spread that "
+                "the intervals below are about.")
+    return ("A run on another machine differs in the last digits at first, and training can grow that into "
+            "the seed-to-seed spread that the intervals are about.")
+
+
+def _per_seed(value) -> bool:
+    return (isinstance(value, list) and len(value) >= 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+
+
+def _mean_sd(values) -> str:
+    import statistics
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def _score_lines(metrics: dict) -> list[str]:
+    """The chapter's results as a reader wants them: every score measured over seeds as mean ± sd.
+
+    A metric holding per-seed scores (a list of numbers) is one row; a metric holding a table of them
+    (``{method: {budget: [per-seed scores]}}``) becomes a methods × budgets table of its own.
+    """
+    lines, flat = [], [(k, v) for k, v in metrics.items() if _per_seed(v)]
+    for key, table in metrics.items():
+        if not (isinstance(table, dict) and table and all(
+                isinstance(row, dict) and row and all(_per_seed(x) for x in row.values()) for row in table.values())):
+            continue
+        cols = list(dict.fromkeys(c for row in table.values() for c in row))
+        lines += ["", f"**{key.replace('_', ' ')}** (mean ± sd over seeds):", "",
+                  "| | " + " | ".join(map(str, cols)) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(_mean_sd(row[c]) if c in row else "" for c in cols) + " |"
+                  for name, row in table.items()]
+    if flat:
+        lines += ["", "**Scores over seeds:**", "", "| result | mean ± sd | seeds |", "|---|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {_mean_sd(v)} | {len(v)} |" for k, v in flat]
+    return lines
 
 
 def _verdict_lines(verdicts: list) -> list[str]:
