@@ -364,3 +364,42 @@ def test_a_saved_teacher_from_another_profile_or_too_weak_is_refused(tmp_path):
         load_teacher(path, "cpu", min_accuracy=0.8)
     save_atomic({"state_dict": {"w": 1}, "profile": "cpu", "val_acc": 0.9}, path)
     assert load_teacher(path, "cpu", min_accuracy=0.8)["state_dict"] == {"w": 1}
+
+
+# ----------------------------------------------------------------------------- choosing on validation
+def test_search_axes_searches_each_axis_at_the_previous_choice_and_trains_each_setting_once():
+    calls = []
+
+    def score(lr, wd):
+        calls.append((lr, wd))
+        return -(lr - 0.01) ** 2 - (wd - 0.1) ** 2
+
+    chosen, done = compress.search_axes("toy", {"lr": [0.003, 0.01, 0.03], "wd": [0.01, 0.1, 1.0]}, score,
+                                        start={"lr": 0.003, "wd": 0.01})
+    assert chosen == {"lr": 0.01, "wd": 0.1}
+    assert [s.name for s in done] == ["lr toy", "wd toy"]
+    assert [s.trials for s in done] == [3, 3]
+    assert all(wd == 0.01 for _, wd in calls[:3]) and all(lr == 0.01 for lr, _ in calls[3:])
+    assert len(calls) == len(set(calls)) == 5          # (0.01, 0.01) was scored in the lr search already
+
+
+def test_search_axes_extends_each_axis_by_its_own_rule_and_flags_what_stays_at_an_edge():
+    score = lambda T, alpha: -abs(T - 0.5) + alpha            # best T below the grid; alpha best at 1
+    chosen, (t, a) = compress.search_axes("kd", {"T": [1.0, 2.0, 4.0], "alpha": [0.5, 0.7, 0.9]}, score,
+                                          start={"T": 4.0, "alpha": 0.9}, max_extend=1,
+                                          extend={"T": "geometric", "alpha": compress.extend_fraction})
+    assert t.grid == [0.5, 1.0, 2.0, 4.0] and t.chosen == 0.5 and t.edge     # extended once, still at the edge
+    assert a.grid == [0.5, 0.7, 0.9, 1.0] and a.chosen == 1.0 and a.edge
+    assert chosen == {"T": 0.5, "alpha": 1.0}
+
+
+def test_search_axes_needs_a_start_value_for_every_axis():
+    with pytest.raises(ValueError, match="no start value"):
+        compress.search_axes("x", {"lr": [1, 2]}, lambda lr: lr, start={})
+
+
+def test_extend_fraction_stays_within_zero_and_one():
+    assert compress.extend_fraction([0.5, 0.7, 0.9], "high") == 1.0
+    assert compress.extend_fraction([0.2, 0.5, 0.8], "low") == 0.0
+    assert compress.extend_fraction([0.0, 0.5], "low") is None
+    assert compress.extend_fraction([0.5, 1.0], "high") is None

@@ -17,7 +17,9 @@ the bytes (the file shrinks by less: names, scales and biases stay), and is not 
 int8 kernels: ``torchao``, ONNX Runtime, ExecuTorch).
 
 :func:`load_teacher` reads the teacher chapter 04 saves, and refuses one trained in another run
-profile or below the accuracy this chapter's prose assumes.
+profile or below the accuracy this chapter's prose assumes. :func:`search_axes` chooses several
+hyperparameters on validation one after the other, each with :func:`ptcourse.compare.search`, and
+:func:`extend_fraction` extends a grid of fractions (such as the distillation weight α) past its edge.
 """
 from __future__ import annotations
 
@@ -30,10 +32,78 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from torch import nn
 
+from .. import compare
 from ..metrics import count_parameters  # noqa: F401  (the chapter imports it from here)
 
 __all__ = ["random_translate", "count_parameters", "size_kb", "latency_ms", "fold_batchnorm",
-           "quantize_weight", "Int8Conv2d", "Int8Linear", "quantize_int8", "TeacherRefused", "load_teacher"]
+           "quantize_weight", "Int8Conv2d", "Int8Linear", "quantize_int8", "TeacherRefused", "load_teacher", "search_axes", "extend_fraction"]
+
+
+# --------------------------------------------------------------------------- choosing on validation
+def search_axes(name: str, axes: dict, score, start: dict, *, extend: dict | None = None,
+                **search_kw) -> tuple[dict, list]:
+    """Choose several hyperparameters on validation, one axis after the other, each with ``compare.search``.
+
+    A coordinate search: the first axis is searched with every other axis at its ``start`` value, the
+    next one at the first axis's choice, and so on, once. Every search is named ``"<axis> <name>"``
+    (``"lr scratch (MNIST)"``), so that it can go into the chapter's record beside the others. A
+    setting scored before (the start value reappearing in a later axis's grid) is not trained again.
+
+    Args:
+        name: the condition being tuned, e.g. ``"scratch (MNIST)"``.
+        axes: ``{axis: grid}``, searched in this order.
+        score: ``score(**setting) -> validation score`` for a full setting (every axis of ``start``).
+        start: a value for every axis, used until that axis has been searched.
+        extend: ``{axis: rule}``, the ``extend`` of that axis's search (``"geometric"``, a function, ...);
+            an axis not named is not extended.
+        **search_kw: passed on to every search (``max_extend``, ``edge_reason``, ``trials_per_value``).
+
+    Returns:
+        ``(chosen setting, [Search, ...])`` in the order of ``axes``.
+
+    Example:
+        >>> acc = lambda lr, wd: 1 - (lr - 0.01) ** 2 - (wd - 0.1) ** 2
+        >>> chosen, done = search_axes("toy", {"lr": [0.003, 0.01, 0.03], "wd": [0.01, 0.1, 1.0]}, acc,
+        ...                            {"lr": 0.003, "wd": 0.01})
+        >>> chosen, [s.name for s in done]
+        ({'lr': 0.01, 'wd': 0.1}, ['lr toy', 'wd toy'])
+    """
+    setting, done, seen = dict(start), [], {}
+    missing = set(axes) - set(start)
+    if missing:
+        raise ValueError(f"search_axes({name!r}): no start value for {sorted(missing)}.")
+
+    def scored(axis, value):
+        trial = {**setting, axis: value}
+        key = tuple(sorted((k, repr(v)) for k, v in trial.items()))
+        if key not in seen:
+            seen[key] = score(**trial)
+        return seen[key]
+
+    for axis, grid in axes.items():
+        s = compare.search(f"{axis} {name}", grid, lambda v: scored(axis, v),
+                           extend=(extend or {}).get(axis), **search_kw)
+        setting[axis] = s.chosen
+        done.append(s)
+    return setting, done
+
+
+def extend_fraction(grid: list, side: str) -> float | None:
+    """The next value beyond an end of an ascending grid of fractions in [0, 1], at the grid's own step.
+
+    The extension rule for :func:`ptcourse.compare.search` (``extend=extend_fraction``) on a weight such
+    as the distillation loss's α: the step is clipped at 0 and 1, and there is nothing beyond them.
+
+    Example:
+        >>> extend_fraction([0.5, 0.7, 0.9], "high"), extend_fraction([0.5, 0.7, 0.9], "low")
+        (1.0, 0.3)
+        >>> extend_fraction([0.6, 0.8, 1.0], "high") is None
+        True
+    """
+    a, b = (grid[0], grid[1]) if side == "low" else (grid[-1], grid[-2])
+    if a in (0.0, 1.0):
+        return None
+    return round(min(1.0, max(0.0, a + (a - b))), 6)
 
 
 # --------------------------------------------------------------------------- the saved teacher
