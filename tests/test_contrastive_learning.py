@@ -1,6 +1,7 @@
 """Chapter 02: the NT-Xent loss, batched SimCLR augmentation, and the exercise checks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,3 +347,42 @@ def test_interleaved_timings_alternate():
     order = []
     out = augment.interleaved_timings({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3)
     assert order == ["a", "b"] * 3 and len(out["a"]) == len(out["b"]) == 3
+
+
+# --------------------------------------------------------------------- the chapter's searches
+def test_lr_then_steps_search_reuses_the_middle_run_and_returns_the_chosen_model():
+    # validation score peaks at lr 1e-3 and 400 steps; each (lr, steps) is trained at most once
+    calls = []
+
+    def run(lr, n):
+        calls.append((lr, n))
+        return -abs(lr - 1e-3) * 100 - abs(n - 400) / 1000, ("model", lr, n)
+
+    s_lr, s_n, model = augment.lr_then_steps_search("x", [5e-4, 1e-3, 2e-3], [100, 200, 400], run,
+                                                    search_kw={"extend": "geometric", "max_extend": 2})
+    assert s_lr.chosen == 1e-3 and s_lr.edge is None
+    assert s_lr.name == "lr x" and s_n.name == "steps x"
+    # 400 sat at the top, so 800 was tried; 400 stays best and lies inside the extended grid
+    assert s_n.grid == [100, 200, 400, 800] and s_n.chosen == 400 and s_n.edge is None
+    assert model == ("model", 1e-3, 400)
+    assert len(calls) == len(set(calls))                     # the middle value (1e-3, 200) was not retrained
+    assert calls.count((1e-3, 200)) == 1
+
+
+@pytest.mark.slow  # a few seconds of logistic regressions: kept out of the fast tier
+def test_probe_search_chooses_c_on_the_mean_over_draws_and_returns_their_probes():
+    g = torch.Generator().manual_seed(0)
+    means = 2 * torch.randn(3, 6, generator=g)
+    make = lambda n: (means[torch.arange(n) % 3] + torch.randn(n, 6, generator=g), torch.arange(n) % 3)  # noqa: E731
+    draws = {0: make(30), 1: make(30), 2: make(30)}
+    fv, yv = make(90)
+    s, fitted = augment.probe_search("C", [1e-3, 1e-2, 1.0], draws, (fv, yv))
+    assert s.trials == 3 * 3 and set(fitted) == {0, 1, 2}
+    # each score is the mean validation accuracy over the three draws, recomputed here probe by probe
+    acc = lambda p: (p.predict(fv.numpy().astype("float64")) == yv.numpy()).mean()  # noqa: E731
+    mean_val = {c: np.mean([acc(augment.fit_linear_probe(x, y, c, seed=k)) for k, (x, y) in draws.items()])
+                for c in s.grid}
+    assert s.val == pytest.approx(mean_val)
+    assert mean_val[s.chosen] == max(mean_val.values())
+    assert [acc(fitted[k]) for k in draws] == [acc(augment.fit_linear_probe(x, y, s.chosen, seed=k))
+                                               for k, (x, y) in draws.items()]

@@ -252,6 +252,81 @@ def linear_probe_val(train, val, test, Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0)
     return {"C": c, "val": acc, "test": float((probe.predict(xte) == yte).mean())}
 
 
+def fit_linear_probe(x, y, C: float, seed: int = 0):
+    """Fit a logistic regression on standardised frozen features with regularisation ``C``.
+
+    The probe of :func:`probe_search`: one fit per (C, labelled draw). Returns the fitted sklearn
+    pipeline; score it with ``(probe.predict(f) == y).mean()``.
+
+    Example:
+        >>> probe = fit_linear_probe(f_train, y_train, C=0.1); (probe.predict(f_val) == y_val).mean()
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+    return probe.fit(np.asarray(x, dtype=np.float64), np.asarray(y))
+
+
+def probe_search(name: str, Cs, draws: dict, val, *, search_kw=None):
+    """Choose a linear probe's ``C`` by the mean validation accuracy over every labelled draw.
+
+    ``draws`` maps a seed to ``(features, labels)`` of that seed's labelled subset; ``val`` is the
+    ``(features, labels)`` pair of the validation set. Each value of ``Cs`` is fitted on every draw
+    (``trials_per_value = len(draws)``), so the choice does not rest on one draw's luck; the probes
+    are kept, so the caller scores the chosen ``C``'s probes on the test split once, afterwards.
+    ``search_kw`` goes to :func:`ptcourse.compare.search` (``extend``, ``max_extend``, ``edge_reason``).
+
+    Returns ``(search, probes)``: the :class:`~ptcourse.compare.Search` and ``{seed: fitted probe}``
+    at the chosen ``C``.
+
+    Example:
+        >>> s, fitted = probe_search("C SimCLR @ 5 labels", [0.01, 0.1, 1.0], draws, (f_val, y_val))
+        >>> test = [(fitted[seed].predict(f_test) == y_test).mean() for seed in draws]
+    """
+    import numpy as np
+    from ..compare import search
+    fv, yv = np.asarray(val[0], dtype=np.float64), np.asarray(val[1])
+    fitted = {}
+
+    def score(c):
+        fitted[c] = {seed: fit_linear_probe(x, y, c, seed=seed) for seed, (x, y) in draws.items()}
+        return float(np.mean([(p.predict(fv) == yv).mean() for p in fitted[c].values()]))
+
+    s = search(name, list(Cs), score, trials_per_value=len(draws), **(search_kw or {}))
+    return s, fitted[s.chosen]
+
+
+def lr_then_steps_search(label: str, lrs, steps, run, *, search_kw=None):
+    """Choose a classifier's learning rate, then its number of steps, each by a validation search.
+
+    ``run(lr, steps) -> (validation score, trained model)`` trains once. First the learning rate is
+    searched over ``lrs`` at the middle value of ``steps``; then the step count is searched over
+    ``steps`` at the chosen rate (the middle value's run is reused, not trained again). Both go
+    through :func:`ptcourse.compare.search` with ``search_kw`` (a choice at a grid's end extends it).
+    Scratch and fine-tuning get exactly this search, so the same number of trials.
+
+    Returns ``(lr_search, steps_search, model)``, the model being the run at the chosen pair.
+
+    Example:
+        >>> s_lr, s_n, net = lr_then_steps_search("scratch @ 20 labels", [5e-4, 1e-3, 2e-3], [100, 200, 400],
+        ...                                       lambda lr, n: train_and_score(lr, n))
+    """
+    from ..compare import search
+    done = {}
+
+    def score(lr, n):
+        if (lr, n) not in done:
+            done[(lr, n)] = run(lr, n)
+        return done[(lr, n)][0]
+
+    mid = list(steps)[len(steps) // 2]
+    s_lr = search(f"lr {label}", list(lrs), lambda lr: score(lr, mid), **(search_kw or {}))
+    s_n = search(f"steps {label}", list(steps), lambda n: score(s_lr.chosen, n), **(search_kw or {}))
+    return s_lr, s_n, done[(s_lr.chosen, s_n.chosen)][1]
+
+
 def train_classifier(encoder: nn.Module, dim: int, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
                      batch: int = 64, augment=None, seed: int = 0, device=None, num_classes: int = 10) -> nn.Module:
     """Train ``copy(encoder) + Linear(dim, classes)`` end to end for exactly ``steps`` steps.
