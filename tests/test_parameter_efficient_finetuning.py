@@ -1,5 +1,6 @@
 """Chapter 07: ptcourse.chapters.parameter_efficient_finetuning (parameter groups, optimizer state,
 saved size, pooling, drift measures) and the exercise checks, which must reject the usual wrong answers."""
+import copy
 import math
 
 import pytest
@@ -8,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptcourse.chapters.parameter_efficient_finetuning import (
-    SentenceClassifier, encode, format_parameter_table, linear_cka, mean_cosine, mean_pool, optimizer_state_bytes,
-    parameter_group, parameter_table, saved_bytes, trainable_parameters, trainable_state_dict)
+    SentenceClassifier, encode, format_parameter_table, linear_cka, lora_update_norm, mean_cosine, mean_pool,
+    optimizer_state_bytes, parameter_group, parameter_table, saved_bytes, train_head, trainable_parameters,
+    trainable_state_dict, training_steps)
 from ptcourse.checks.parameter_efficient_finetuning import (
     ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
     reference_zero_shot, tiny_bert_classifier)
@@ -111,6 +113,61 @@ def test_peft_lora_on_the_classifier_counts_r_times_in_plus_out():
     trainable, _ = trainable_parameters(clf)
     assert trainable == 2 * 2 * 4 * (16 + 16) + (16 * 2 + 2)          # layers x {q, v} x r(in + out) + head
     assert parameter_table(clf)["LoRA"][0] == 2 * 2 * 4 * 32
+
+
+# ----------------------------------------------------------------------------- the training protocol
+def test_training_steps_never_fall_as_the_data_grows_and_respect_the_floor():
+    sizes = [1, 2, 8, 15, 16, 17, 64, 100, 256, 1000, 4096]
+    plans = [training_steps(n, 16, 3, 30) for n in sizes]
+    steps = [s for _, s in plans]
+    assert steps == sorted(steps)                                   # more data: never fewer steps
+    assert all(s >= 30 for s in steps)                              # the floor
+    for n, (epochs, s) in zip(sizes, plans):
+        batches = -(-n // min(16, n))
+        assert epochs >= 3 and s == epochs * batches                # whole passes, at least 3
+    assert training_steps(4096, 16, 3, 30) == (3, 768)              # a large set: exactly 3 passes
+
+
+def test_train_head_learns_a_separable_task_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    head = train_head(x, y, lr=1e-1, steps=60, batch_size=16, seed=0)
+    assert (head(x).argmax(1) == y).float().mean() > 0.95
+    again = train_head(x, y, lr=1e-1, steps=60, batch_size=16, seed=0)
+    assert torch.equal(head.weight, again.weight)
+    untrained = train_head(x, y, lr=1e-1, steps=0, batch_size=16, seed=0)
+    assert not torch.equal(head.weight, untrained.weight)
+
+
+def test_lora_update_norm_follows_the_scaling_rule():
+    """One B A, measured under alpha / r and alpha / sqrt(r): the ratio is sqrt(r), by hand and in peft."""
+    peft = pytest.importorskip("peft")
+    base = nn.Linear(16, 16)
+
+    def lora(r, rslora, b_seed=0):
+        enc = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                                  peft.LoraConfig(r=r, lora_alpha=8, target_modules=["0"], use_rslora=rslora))
+        assert lora_update_norm(enc) == 0.0                          # B = 0 at the start
+        layer = enc.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(b_seed))
+            layer.lora_A["default"].weight.copy_(torch.linspace(-1, 1, 16 * r).reshape(r, 16))
+        return enc, layer
+
+    for r in (1, 16):
+        plain, layer = lora(r, False)
+        rs, _ = lora(r, True)
+        delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        assert lora_update_norm(plain) == pytest.approx(float((8 / r) * delta.norm() / base.weight.norm()), rel=1e-5)
+        assert lora_update_norm(rs) / lora_update_norm(plain) == pytest.approx(math.sqrt(r), rel=1e-5)
+    hand = ReferenceLoRALinear(copy.deepcopy(base), r=4, alpha=8)
+    with torch.no_grad():
+        hand.B.fill_(0.1)
+    expected = float(2 * (hand.B @ hand.A).detach().norm() / hand.base.weight.norm())
+    assert lora_update_norm(nn.Sequential(hand)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        lora_update_norm(base)
 
 
 # ----------------------------------------------------------------------------- LoRA check

@@ -10,9 +10,15 @@ what must be saved per task) plus two ways to say how far fine-tuning moved a re
     >>> parameter_table(model)                       # per group: embeddings, attention, ...
     >>> z = encode(model.encoder, dataset)           # mean-pooled sentence vectors, in order
     >>> linear_cka(z_before, z_after), mean_cosine(z_before, z_after)
+
+and the pieces of its training protocol: the number of optimizer steps at a label budget
+(:func:`training_steps`), a linear head trained alone on frozen sentence vectors to choose the
+head's own learning rate (:func:`train_head`), and the size of a LoRA model's scaled update
+(:func:`lora_update_norm`), which shows how the rank and the scaling rule set that size.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -241,3 +247,85 @@ def best_time(fn, rounds: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+# ----------------------------------------------------------------------------- the training protocol
+def training_steps(n_examples: int, batch_size: int, epochs: int, min_steps: int) -> tuple[int, int]:
+    """``(epochs, steps)`` for ``n_examples``: at least ``epochs`` passes and at least ``min_steps`` steps.
+
+    Whole passes only, so every example is seen equally often. Steps never fall as the data grows
+    (a larger budget is never trained for fewer steps), and a tiny budget still gets ``min_steps``
+    updates instead of one or two.
+
+    Example:
+        >>> [training_steps(n, 16, 3, 30) for n in (8, 64, 256)]
+        [(30, 30), (8, 32), (3, 48)]
+    """
+    batches = math.ceil(n_examples / min(batch_size, n_examples))
+    passes = max(epochs, math.ceil(min_steps / batches))
+    return passes, passes * batches
+
+
+def train_head(features: torch.Tensor, labels, *, lr: float, steps: int, batch_size: int, seed: int = 0,
+               weight_decay: float = 0.01, warmup: float = 0.1, num_classes: int = 2) -> nn.Linear:
+    """A new linear head trained alone with AdamW on frozen sentence vectors ``features`` [N, d].
+
+    The same recipe as the chapter's fine-tuning runs (AdamW, ``steps`` optimizer steps over
+    shuffled passes of ``batch_size``, linear warmup then linear decay, gradient clipping at 1), so
+    its best learning rate is a fair choice for the head of every method. It costs milliseconds:
+    the encoder is not run.
+
+    Example:
+        >>> head = train_head(torch.randn(40, 8), [0, 1] * 20, lr=1e-2, steps=30, batch_size=16)
+        >>> head(torch.randn(3, 8)).shape
+        torch.Size([3, 2])
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = features.float()
+    y = torch.as_tensor(labels, dtype=torch.long)
+    torch.manual_seed(seed)
+    head = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = int(warmup * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: t / max(1, warm) if t < warm else max(0.0, (steps - t) / max(1, steps - warm)))
+    order = torch.empty(0, dtype=torch.long)
+    bs = min(batch_size, len(x))
+    for _ in range(steps):
+        if len(order) < bs:
+            order = torch.randperm(len(x), generator=g)
+        idx, order = order[:bs], order[bs:]
+        loss = F.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def lora_update_norm(model: nn.Module) -> float:
+    """The mean relative size of a LoRA model's update, ``||scaling * B A||_F / ||W||_F``, over its adapted layers.
+
+    ``scaling`` is what the layer multiplies ``B A`` by: ``alpha / r``, or ``alpha / sqrt(r)`` with
+    rsLoRA. Works on ``peft`` LoRA layers (``lora_A``, ``lora_B``, ``scaling`` per adapter) and on any
+    module with ``A``, ``B``, ``scaling`` and ``base`` (the chapter's ``LoRALinear``). 0 before training
+    (B = 0).
+
+    Example:
+        >>> lora_update_norm(get_peft_model(encoder, LoraConfig(r=8, target_modules=["query"])))
+        0.0
+    """
+    sizes = []
+    for m in model.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "lora_B") and isinstance(getattr(m, "scaling", None), dict):
+            for name, scale in m.scaling.items():
+                if name in m.lora_A:
+                    delta = scale * m.lora_B[name].weight @ m.lora_A[name].weight
+                    sizes.append(float(delta.norm() / m.base_layer.weight.norm()))
+        elif all(hasattr(m, a) for a in ("A", "B", "scaling", "base")):
+            sizes.append(float((m.scaling * m.B @ m.A).norm() / m.base.weight.norm()))
+    if not sizes:
+        raise ValueError("lora_update_norm: the model has no LoRA layer.")
+    return sum(sizes) / len(sizes)
