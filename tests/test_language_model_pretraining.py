@@ -29,6 +29,8 @@ def test_normalize_reconciles_sst_ptb_escapes_and_rotten_tomatoes_characters():
     rt = 'a "big chill" reunion (of sorts) \u2026it\u2019s fun \u2013 mostly'
     assert lm.normalize(sst) == lm.normalize(rt)
     assert lm.contained(["`` big chill '' reunion -lrb- of"], [rt], min_words=4).tolist() == [True]
+    assert (lm.normalize("mr. nelson 's ` black culture ' cry ( 1984 ) , 10,000 times . . . ")
+            == lm.normalize("mr . nelson's 'black culture' cry [ 1984 ] , 10 , 000 times ..."))
 
 
 def test_ngram_contamination_counts_shared_runs_of_words_within_texts_only():

@@ -34,7 +34,7 @@ EOS_ID, PAD_ID, MASK_ID = 0, 1, 2
 PTB_TOKENS = {"-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]", "-lcb-": "{", "-rcb-": "}",
               "``": '"', "''": '"'}
 TYPOGRAPHIC = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--",
-               "\u00a0": " "}
+               "\u00a0": " ", "\u2044": "/"}
 
 
 def normalize(text: str) -> str:
@@ -43,9 +43,12 @@ def normalize(text: str) -> str:
     The two datasets hold the same review snippets written differently: SST-2 splits contractions
     the Penn-treebank way (``it 's``, ``does n't``) and escapes brackets and quotes as ``-lrb-``,
     ``-rrb-``, `````` and ``''``; Rotten Tomatoes writes ``it's``, ``(``, ``"``, and has typographic
-    characters (``…``, ``–``, curly quotes). Both sides become: Unicode NFKC (``…`` -> ``...``),
-    typographic dashes and quotes as ASCII, PTB escapes as the characters they stand for, quotes,
-    brackets, ``...`` and ``--`` split off the words, contractions split, lower case, single spaces.
+    characters (``…``, ``–``, curly quotes), ``. . .`` for ``...``, square brackets where SST has
+    round ones, ``mr.`` and ``10,000`` where RT has ``mr .`` and ``10 , 000``, and single quotes
+    attached to words (``'black culture'``, SST: ```` ` black culture '````).
+    Both sides become: Unicode NFKC, ASCII dashes and quotes, PTB escapes as the characters they
+    stand for, every bracket round, quotes, brackets, ``...`` and ``--`` split off the words,
+    contractions split, lower case, single spaces.
 
     Example:
         >>> normalize("It's  a film that doesn't work.")
@@ -58,10 +61,16 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text.lower())
     for a, b in TYPOGRAPHIC.items():
         text = text.replace(a, b)
-    text = " ".join(PTB_TOKENS.get(w, w) for w in text.split())
-    text = re.sub(r'(\.\.\.|--|["()\[\]{}])', r" \1 ", text)
+    text = " ".join(PTB_TOKENS.get(w, w) for w in text.split()).replace("`", "'")
+    text = re.sub(r"\.\s\.\s\.", "...", text)                       # ". . ." -> "..."
+    text = text.translate(str.maketrans("[]{}", "()()"))              # SST turned every bracket into ( )
+    text = re.sub(r'(\.\.\.|--|["()])', r" \1 ", text)
+    text = re.sub(r"(?<=\w)\.(?=\s|$)", " .", text)                   # mr. nelson -> mr . nelson
+    text = re.sub(r"(?<=\d),(?=\d)", " , ", text)                      # 10,000 -> 10 , 000
     text = re.sub(r"(\w)n't\b", r"\1 n't", text)
     text = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", text)
+    text = re.sub(r"(?<!\S)'(?!(?:s|re|ve|ll|d|m)\b)(?=\S)", "' ", text)  # an opening quote: 'black -> ' black
+    text = re.sub(r"(?<=\w)'(?=\s|$)", " '", text)                     # a closing one: culture' -> culture '
     return " ".join(text.split())
 
 
