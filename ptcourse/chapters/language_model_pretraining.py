@@ -52,7 +52,7 @@ def normalize(text: str) -> str:
 
     Example:
         >>> normalize("It's  a film that doesn't work.")
-        "it 's a film that does n't work."
+        "it 's a film that does n't work ."
         >>> normalize("a `` big chill '' -LRB- sort of -RRB- reunion") == normalize('a "big chill" (sort of) reunion')
         True
         >>> normalize("\u2026an odd \u2013 film")
