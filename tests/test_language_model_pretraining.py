@@ -22,6 +22,45 @@ def test_contained_finds_runs_of_words_and_exact_matches_only():
     assert lm.contained(["it 's a"], ["it's a"], min_words=4).tolist() == [True]   # an exact short match
 
 
+def test_normalize_reconciles_sst_ptb_escapes_and_rotten_tomatoes_characters():
+    """SST-2 writes brackets and quotes as PTB escapes, Rotten Tomatoes as characters (some typographic):
+    the same snippet must normalise to one string, or the leak filter lets its pieces through."""
+    sst = "a `` big chill '' reunion -lrb- of sorts -rrb- ... it 's fun -- mostly"
+    rt = 'a "big chill" reunion (of sorts) \u2026it\u2019s fun \u2013 mostly'
+    assert lm.normalize(sst) == lm.normalize(rt)
+    assert lm.contained(["`` big chill '' reunion -lrb- of"], [rt], min_words=4).tolist() == [True]
+    assert (lm.normalize("mr. nelson 's ` black culture ' cry ( 1984 ) , 10,000 times . . . ")
+            == lm.normalize("mr . nelson's 'black culture' cry [ 1984 ] , 10 , 000 times ..."))
+
+
+def test_ngram_contamination_counts_shared_runs_of_words_within_texts_only():
+    ev = ["one two three four five six seven eight nine", "short sentence"]
+    r = lm.ngram_contamination(ev, ["zero one two three four five six seven eight", "nine ten"], n=8)
+    assert (r["eval_ngrams"], r["found"], r["sentences_hit"], r["share"]) == (2, 1, 1, 0.5)
+    # an 8-gram split across two pretraining texts is not in the stream (<|endoftext|> between them)
+    assert lm.ngram_contamination(ev, ["one two three four", "five six seven eight"], n=8)["found"] == 0
+    # spelling differences are reconciled before matching
+    assert lm.ngram_contamination(['a "big chill" reunion of the old gang'],
+                                  ["a `` big chill '' reunion of the old gang"], n=8)["share"] == 1.0
+
+
+def test_length_matched_gives_both_sides_the_same_shape():
+    a = [[0] + list(range(1, k)) for k in (2, 5, 6, 9, 12)]
+    b = [[0] + [7] * k for k in (3, 4, 8, 20)]
+    x, y = lm.length_matched(a, b, length=5, seed=1)
+    assert len(x) == len(y) == 3 and {len(s) for s in x + y} == {5}
+    assert all(s in [t[:5] for t in a] for s in x)
+    with pytest.raises(ValueError):
+        lm.length_matched(a, b, length=5, n=4)
+
+
+def test_warmup_stable_decay_short_run_is_a_branch_of_the_long_one():
+    long, short = lm.warmup_stable_decay(1000, warmup=50), lm.warmup_stable_decay(250, warmup=50)
+    assert [long(s) for s in range(200)] == [short(s) for s in range(200)]      # shared until the short decay
+    assert short(249) == pytest.approx(1 / 50) and long(249) == 1.0 and long(999) == pytest.approx(1 / 200)  # annealed
+    assert all(short(s) >= short(s + 1) for s in range(49, 250))
+
+
 def test_prepare_corpus_removes_leaks_and_heldout_pieces():
     phrases = ["a charming and often affecting", "a charming and often affecting",   # leaked (duplicate)
                "the plot is a total mess", "plot is a total",                       # inside a held-out sentence

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,19 +29,48 @@ EOS_ID, PAD_ID, MASK_ID = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------- the corpus
-def normalize(text: str) -> str:
-    """Lower-case words separated by single spaces, contractions split the Penn-treebank way.
+# Penn-treebank escapes (SST writes them) and typographic characters (Rotten Tomatoes has some),
+# each mapped to the plain form both datasets can agree on
+PTB_TOKENS = {"-lrb-": "(", "-rrb-": ")", "-lsb-": "[", "-rsb-": "]", "-lcb-": "{", "-rcb-": "}",
+              "``": '"', "''": '"'}
+TYPOGRAPHIC = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--",
+               "\u00a0": " ", "\u2044": "/"}
 
-    SST-2 writes ``it 's`` and ``does n't`` where Rotten Tomatoes writes ``it's`` and
-    ``doesn't``; both become ``it 's`` / ``does n't`` so that the same words compare equal.
+
+def normalize(text: str) -> str:
+    """One spelling for the same words in SST-2 and Rotten Tomatoes, so that a leak is found.
+
+    The two datasets hold the same review snippets written differently: SST-2 splits contractions
+    the Penn-treebank way (``it 's``, ``does n't``) and escapes brackets and quotes as ``-lrb-``,
+    ``-rrb-``, `````` and ``''``; Rotten Tomatoes writes ``it's``, ``(``, ``"``, and has typographic
+    characters (``…``, ``–``, curly quotes), ``. . .`` for ``...``, square brackets where SST has
+    round ones, ``mr.`` and ``10,000`` where RT has ``mr .`` and ``10 , 000``, and single quotes
+    attached to words (``'black culture'``, SST: ```` ` black culture '````).
+    Both sides become: Unicode NFKC, ASCII dashes and quotes, PTB escapes as the characters they
+    stand for, every bracket round, quotes, brackets, ``...`` and ``--`` split off the words,
+    contractions split, lower case, single spaces.
 
     Example:
         >>> normalize("It's  a film that doesn't work.")
-        "it 's a film that does n't work."
+        "it 's a film that does n't work ."
+        >>> normalize("a `` big chill '' -LRB- sort of -RRB- reunion") == normalize('a "big chill" (sort of) reunion')
+        True
+        >>> normalize("\u2026an odd \u2013 film")
+        '... an odd -- film'
     """
-    text = text.lower()
+    text = unicodedata.normalize("NFKC", text.lower())
+    for a, b in TYPOGRAPHIC.items():
+        text = text.replace(a, b)
+    text = " ".join(PTB_TOKENS.get(w, w) for w in text.split()).replace("`", "'")
+    text = re.sub(r"\.\s\.\s\.", "...", text)                       # ". . ." -> "..."
+    text = text.translate(str.maketrans("[]{}", "()()"))              # SST turned every bracket into ( )
+    text = re.sub(r'(\.\.\.|--|["()])', r" \1 ", text)
+    text = re.sub(r"(?<=\w)\.(?=\s|$)", " .", text)                   # mr. nelson -> mr . nelson
+    text = re.sub(r"(?<=\d),(?=\d)", " , ", text)                      # 10,000 -> 10 , 000
     text = re.sub(r"(\w)n't\b", r"\1 n't", text)
     text = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", text)
+    text = re.sub(r"(?<!\S)'(?!(?:s|re|ve|ll|d|m)\b)(?=\S)", "' ", text)  # an opening quote: 'black -> ' black
+    text = re.sub(r"(?<=\w)'(?=\s|$)", " '", text)                     # a closing one: culture' -> culture '
     return " ".join(text.split())
 
 
@@ -127,6 +157,37 @@ def prepare_corpus(phrases, eval_sentences, heldout_sentences, *, min_words: int
     return Corpus(train, heldout, naive_heldout, stats)
 
 
+def ngram_contamination(eval_sentences, pretraining_texts, n: int = 8) -> dict:
+    """How much of the evaluation text the pretraining text still contains: an audit after filtering.
+
+    Every run of ``n`` consecutive words (after :func:`normalize`) of every evaluation sentence is
+    looked up among the ``n``-grams of the pretraining texts (each text on its own: the stream puts
+    ``<|endoftext|>`` between them, so no ``n``-gram spans two). ``share`` is the fraction of the
+    evaluation ``n``-grams found; ``sentences_hit`` how many evaluation sentences have at least one.
+    A leak filter that works leaves both near 0; one that misses a spelling difference does not.
+    (Eight words is the unit of GPT-3's and later contamination studies: short enough to catch a
+    copied clause, long enough that chance matches are rare.)
+
+    Example:
+        >>> r = ngram_contamination(["one two three four five six seven eight nine"],
+        ...                         ["zero one two three four five six seven eight", "unrelated text"])
+        >>> r["eval_ngrams"], r["found"], r["sentences_hit"]
+        (2, 1, 1)
+    """
+    seen = set()
+    for t in pretraining_texts:
+        w = normalize(t).split()
+        seen.update(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+    total = found = hit = 0
+    for s in eval_sentences:
+        w = normalize(s).split()
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        k = sum(g in seen for g in grams)
+        total, found, hit = total + len(grams), found + k, hit + (k > 0)
+    return {"n": n, "eval_sentences": len(eval_sentences), "eval_ngrams": total, "found": found,
+            "share": found / total if total else 0.0, "sentences_hit": hit}
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 def train_bpe(texts, vocab_size: int = 2048, min_frequency: int = 2):
     """A byte-level BPE (GPT-2's kind) trained on ``texts`` with Hugging Face ``tokenizers``.
@@ -190,6 +251,54 @@ def pad_batch(seqs, pad_id: int = PAD_ID) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
+
+
+def length_matched(a, b, length: int, n: int | None = None, seed: int = 0):
+    """Two sets of sequences cut to the same shape, so that their perplexities can be compared.
+
+    Perplexity depends on where in a sequence the tokens are (the first tokens, with little
+    context, are the hardest), so a set of short phrases and a set of long sentences differ even
+    for the same model. Here both sides keep only sequences with at least ``length`` ids, each cut
+    to its first ``length`` ids, and the same number ``n`` of them (default: as many as the smaller
+    side has), drawn at random with ``seed``: the same number of targets at the same context lengths.
+
+    Example:
+        >>> a, b = length_matched([[0, 5, 6, 7], [0, 5]], [[0, 1, 2, 3, 4], [0, 9, 9, 9]], length=3)
+        >>> a, sorted(map(len, b)), len(b)
+        ([[0, 5, 6]], [3], 1)
+    """
+    rng = np.random.default_rng(seed)
+    long_a, long_b = [s for s in a if len(s) >= length], [s for s in b if len(s) >= length]
+    n = min(len(long_a), len(long_b)) if n is None else n
+    if n > min(len(long_a), len(long_b)):
+        raise ValueError(f"only {min(len(long_a), len(long_b))} sequences of {length}+ ids on one side, not {n}")
+    pick = lambda seqs: [list(seqs[i][:length]) for i in sorted(rng.choice(len(seqs), n, replace=False))]
+    return pick(long_a), pick(long_b)
+
+
+def warmup_stable_decay(total: int, warmup: int, decay_fraction: float = 0.2):
+    """A learning-rate multiplier for ``LambdaLR``: linear warmup, constant, linear decay to 0.
+
+    The last ``decay_fraction`` of the ``total`` steps anneal the rate to zero. Because the rate
+    before the decay does not depend on ``total``, a run of ``total`` steps is the same as a longer
+    run up to ``total * (1 - decay_fraction)`` steps, followed by its own decay: shorter complete
+    (annealed) runs can branch off a long one at the cost of their decay steps only
+    (Hägele et al. 2024, "Scaling laws and compute-optimal training beyond fixed training durations").
+
+    Example:
+        >>> f = warmup_stable_decay(100, warmup=10)
+        >>> [round(f(s), 2) for s in (0, 9, 50, 80, 90, 99)]
+        [0.1, 1.0, 1.0, 1.0, 0.5, 0.05]
+    """
+    start = int(round(total * (1 - decay_fraction)))
+
+    def multiplier(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < start:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - start))
+    return multiplier
 
 
 # ----------------------------------------------------------------------------- the losses
