@@ -122,6 +122,24 @@ def test_length_grouped_sampler_covers_everything_once_and_groups_lengths():
     assert [b for b in sampler] != batches           # a new order every epoch
 
 
+def test_length_grouped_sampler_shuffles_a_set_smaller_than_its_chunk():
+    """A set that fits in one chunk must not be cut into the same sorted batches every epoch.
+
+    With 200 sentences, batches of 8 and chunks of 50 batches, one chunk holds the whole set: sorted
+    by length, it gives the same 25 batches every epoch (only their order changes), so the model
+    sees the same groups of sentences, one per step, epoch after epoch.
+    """
+    lengths = torch.randperm(200, generator=torch.Generator().manual_seed(0)).add(3).tolist()   # all different
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, group=50, seed=0)
+    epochs = [list(sampler) for _ in range(3)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(200))
+    contents = [{frozenset(b) for b in batches} for batches in epochs]
+    assert contents[0] != contents[1] and contents[1] != contents[2]
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]])
+    assert spread < 200 / 4                          # still grouped: random batches of 8 spread over ~155
+
+
 class _FakeTokenizer:
     pad_token_id, mask_token_id, all_special_ids = 0, 103, [0, 100, 101, 102, 103]
 

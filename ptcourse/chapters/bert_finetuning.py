@@ -64,14 +64,21 @@ class LengthGroupedBatchSampler(Sampler):
     length, split it into batches, and shuffle the order of all batches. Batches stay random
     (different every epoch) but hold sentences of nearly equal length.
 
+    A chunk holds fewer batches when the set is small: at least ``min_chunks`` chunks per epoch
+    (while a chunk still holds one batch). One chunk holding the whole set would be sorted into the
+    same batches every epoch, only their order shuffled; with several, which sentences share a
+    chunk, and so a batch, changes from epoch to epoch.
+
     Example:
         >>> sampler = LengthGroupedBatchSampler(train.lengths, batch_size=32, seed=0)
         >>> loader = DataLoader(train, batch_sampler=sampler, collate_fn=pad_collate)
     """
 
-    def __init__(self, lengths, batch_size: int, group: int = 50, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, group: int = 50, seed: int = 0, min_chunks: int = 4):
         self.lengths = torch.as_tensor(lengths)
         self.batch_size, self.group, self.seed, self.epoch = batch_size, group, seed, 0
+        # batches per chunk: at most `group`, fewer when that leaves fewer than `min_chunks` chunks
+        self.per_chunk = max(1, min(group, len(self.lengths) // (batch_size * min_chunks)))
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)  # ceil
@@ -87,7 +94,7 @@ class LengthGroupedBatchSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         order = torch.randperm(len(self.lengths), generator=g)
-        chunk = self.batch_size * self.group
+        chunk = self.batch_size * self.per_chunk
         batches = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
