@@ -255,6 +255,15 @@ def test_tfidf_baseline_tunes_C_on_validation_and_learns():
     assert tfidf_baseline(tr[0][:50], tr[1][:50], va[0], va[1])["test_acc"] is None
 
 
+def test_tfidf_baseline_records_its_search_and_extends_a_choice_at_an_edge():
+    tr, va = TOY["train"], TOY["validation"]
+    r = tfidf_baseline(tr[0][:200], tr[1][:200], va[0], va[1], Cs=(0.001, 0.01), name="C toy", max_extend=1)
+    s = r["search"]
+    assert s.name == "C toy" and s.chosen == r["C"] and s.best == r["val_acc"]
+    assert len(s.grid) == 3 and s.extended == 1        # a two-value grid always chooses at an end: one value added
+    assert s.to_dict()["val"] == [float(v) for v in s.scores]
+
+
 def test_check_label_budget_passes_an_honest_win_and_says_how_far():
     idx = np.arange(30)
     ours = float((_clean_rule(TOY["validation"][0]) == TOY["validation"][1]).mean())
