@@ -306,12 +306,21 @@ def _chapter_code():
 def test_chapter_chooses_on_validation_reports_on_test_and_records_it():
     cells = _chapter_code()
     code = [s for s, kind in cells if kind == "code"]
-    sweep = next(s for s in code if "sweep[kind][lr] =" in s)
-    assert "val_loader" in sweep and "test_loader" not in sweep          # learning rates chosen on validation
+    helpers = next(s for s in code if "def val_correct(" in s)
+    assert "val_loader" in helpers.split("def val_correct(")[1] and "test_loader" not in helpers.split("def val_correct(")[1]
+    sweep = next(s for s in code if 'compare.search(f"lr {kind} @ {n} labels"' in s)   # every budget, both networks
+    assert "val_correct(" in sweep and "test" not in sweep and 'extend="geometric"' in sweep
+    probe = next(s for s in code if "def frozen_probe(" in s)
+    assert "val_feats, val_set.labels" in probe.split("compare.search(")[1].split("return")[0]
     runs = next(s for s in code if "test_acc[kind][n].append" in s)
-    assert "test_loader" in runs
-    verdict = next(s for s in code if "strongest = max(" in s)
-    assert "val_acc" in verdict and "Difference(" in verdict and "paired=True" in verdict
+    assert "test_loader" in runs and "best_lr[kind][n]" in runs
+    verdict = next(s for s in code if "strongest[n] = max(" in s)
+    assert "val_acc" in verdict and "compare.Verdict(" in verdict
+    trainer = next(s for s in code if "Trainer(" in s)
+    assert "eval_dataset=val_set" in trainer and "test" not in trainer       # a demo of a tool: never the test split
+    report = next(s for s in code if "ptcourse.report(" in s)
+    assert "searches=searches" in report and "verdicts=verdicts" in report
+    assert any("compare.holm(verdicts)" in s for s in code)
     assert any(s.strip() == "<!-- measured:03_bert_finetuning -->" or s.startswith("<!-- measured:03_bert_finetuning -->")
                for s, kind in cells if kind == "markdown")
     settings = next(s for s in code if "BUDGETS = P.pick(" in s)
