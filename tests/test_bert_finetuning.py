@@ -122,6 +122,24 @@ def test_length_grouped_sampler_covers_everything_once_and_groups_lengths():
     assert [b for b in sampler] != batches           # a new order every epoch
 
 
+def test_length_grouped_sampler_shuffles_a_set_smaller_than_its_chunk():
+    """A set that fits in one chunk must not be cut into the same sorted batches every epoch.
+
+    With 200 sentences, batches of 8 and chunks of 50 batches, one chunk holds the whole set: sorted
+    by length, it gives the same 25 batches every epoch (only their order changes), so the model
+    sees the same groups of sentences, one per step, epoch after epoch.
+    """
+    lengths = torch.randperm(200, generator=torch.Generator().manual_seed(0)).add(3).tolist()   # all different
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, group=50, seed=0)
+    epochs = [list(sampler) for _ in range(3)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(200))
+    contents = [{frozenset(b) for b in batches} for batches in epochs]
+    assert contents[0] != contents[1] and contents[1] != contents[2]
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]])
+    assert spread < 200 / 4                          # still grouped: random batches of 8 spread over ~155
+
+
 class _FakeTokenizer:
     pad_token_id, mask_token_id, all_special_ids = 0, 103, [0, 100, 101, 102, 103]
 
@@ -237,6 +255,15 @@ def test_tfidf_baseline_tunes_C_on_validation_and_learns():
     assert tfidf_baseline(tr[0][:50], tr[1][:50], va[0], va[1])["test_acc"] is None
 
 
+def test_tfidf_baseline_records_its_search_and_extends_a_choice_at_an_edge():
+    tr, va = TOY["train"], TOY["validation"]
+    r = tfidf_baseline(tr[0][:200], tr[1][:200], va[0], va[1], Cs=(0.001, 0.01), name="C toy", max_extend=1)
+    s = r["search"]
+    assert s.name == "C toy" and s.chosen == r["C"] and s.best == r["val_acc"]
+    assert len(s.grid) == 3 and s.extended == 1        # a two-value grid always chooses at an end: one value added
+    assert s.to_dict()["val"] == [float(v) for v in s.scores]
+
+
 def test_check_label_budget_passes_an_honest_win_and_says_how_far():
     idx = np.arange(30)
     ours = float((_clean_rule(TOY["validation"][0]) == TOY["validation"][1]).mean())
@@ -279,12 +306,21 @@ def _chapter_code():
 def test_chapter_chooses_on_validation_reports_on_test_and_records_it():
     cells = _chapter_code()
     code = [s for s, kind in cells if kind == "code"]
-    sweep = next(s for s in code if "sweep[kind][lr] =" in s)
-    assert "val_loader" in sweep and "test_loader" not in sweep          # learning rates chosen on validation
+    helpers = next(s for s in code if "def val_correct(" in s)
+    assert "val_loader" in helpers.split("def val_correct(")[1] and "test_loader" not in helpers.split("def val_correct(")[1]
+    sweep = next(s for s in code if 'compare.search(f"lr {kind} @ {n} labels"' in s)   # every budget, both networks
+    assert "val_correct(" in sweep and "test" not in sweep and 'extend="geometric"' in sweep
+    probe = next(s for s in code if "def frozen_probe(" in s)
+    assert "val_feats, val_set.labels" in probe.split("compare.search(")[1].split("return")[0]
     runs = next(s for s in code if "test_acc[kind][n].append" in s)
-    assert "test_loader" in runs
-    verdict = next(s for s in code if "strongest = max(" in s)
-    assert "val_acc" in verdict and "Difference(" in verdict and "paired=True" in verdict
+    assert "test_loader" in runs and "best_lr[kind][n]" in runs
+    verdict = next(s for s in code if "strongest[n] = max(" in s)
+    assert "val_acc" in verdict and "compare.Verdict(" in verdict
+    trainer = next(s for s in code if "Trainer(" in s)
+    assert "eval_dataset=val_set" in trainer and "test" not in trainer       # a demo of a tool: never the test split
+    report = next(s for s in code if "ptcourse.report(" in s)
+    assert "searches=searches" in report and "verdicts=verdicts" in report
+    assert any("compare.holm(verdicts)" in s for s in code)
     assert any(s.strip() == "<!-- measured:03_bert_finetuning -->" or s.startswith("<!-- measured:03_bert_finetuning -->")
                for s, kind in cells if kind == "markdown")
     settings = next(s for s in code if "BUDGETS = P.pick(" in s)

@@ -64,14 +64,21 @@ class LengthGroupedBatchSampler(Sampler):
     length, split it into batches, and shuffle the order of all batches. Batches stay random
     (different every epoch) but hold sentences of nearly equal length.
 
+    A chunk holds fewer batches when the set is small: at least ``min_chunks`` chunks per epoch
+    (while a chunk still holds one batch). One chunk holding the whole set would be sorted into the
+    same batches every epoch, only their order shuffled; with several, which sentences share a
+    chunk, and so a batch, changes from epoch to epoch.
+
     Example:
         >>> sampler = LengthGroupedBatchSampler(train.lengths, batch_size=32, seed=0)
         >>> loader = DataLoader(train, batch_sampler=sampler, collate_fn=pad_collate)
     """
 
-    def __init__(self, lengths, batch_size: int, group: int = 50, seed: int = 0):
+    def __init__(self, lengths, batch_size: int, group: int = 50, seed: int = 0, min_chunks: int = 4):
         self.lengths = torch.as_tensor(lengths)
         self.batch_size, self.group, self.seed, self.epoch = batch_size, group, seed, 0
+        # batches per chunk: at most `group`, fewer when that leaves fewer than `min_chunks` chunks
+        self.per_chunk = max(1, min(group, len(self.lengths) // (batch_size * min_chunks)))
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)  # ceil
@@ -87,7 +94,7 @@ class LengthGroupedBatchSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         order = torch.randperm(len(self.lengths), generator=g)
-        chunk = self.batch_size * self.group
+        chunk = self.batch_size * self.per_chunk
         batches = []
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
@@ -164,36 +171,41 @@ TFIDF_CS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 
 
 def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts=None, test_labels=None,
-                   Cs=TFIDF_CS) -> dict:
+                   Cs=TFIDF_CS, name: str = "C TF-IDF", max_extend: int = 2) -> dict:
     """The classical baseline: TF-IDF of words and word pairs + logistic regression (scikit-learn).
 
-    Fits one model per inverse regularisation strength ``C`` on the training sentences, keeps the
-    ``C`` with the best **validation** accuracy and scores that one model on the test sentences
-    (when given). Returns ``{"C", "val_acc", "test_acc", "val_pred", "test_pred"}`` (test entries
-    ``None`` without a test set).
+    Chooses the inverse regularisation strength ``C`` with :func:`ptcourse.compare.search` on the
+    **validation** sentences (one model per value; the grid extended geometrically, at most
+    ``max_extend`` values, while the best is at an end) and scores that one model on the test
+    sentences (when given). Returns ``{"C", "val_acc", "test_acc", "val_pred", "test_pred", "search"}``
+    (test entries ``None`` without a test set; ``search`` is the :class:`~ptcourse.compare.Search`,
+    named ``name``, for the chapter's record).
 
     Example:
         >>> r = tfidf_baseline(train.texts, train.labels, val.texts, val.labels, test.texts, test.labels)
         >>> sorted(r)                 # C was chosen on validation; test_acc is that one model on test
-        ['C', 'test_acc', 'test_pred', 'val_acc', 'val_pred']
+        ['C', 'search', 'test_acc', 'test_pred', 'val_acc', 'val_pred']
     """
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
+    from ..compare import search
+
     y = np.asarray(train_labels)
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     x = vectorizer.fit_transform(list(train_texts))
     xv, yv = vectorizer.transform(list(val_texts)), np.asarray(val_labels)
-    best = None
-    for C in Cs:
+    fitted = {}
+
+    def val_accuracy(C):
         clf = LogisticRegression(C=C, max_iter=2000).fit(x, y)
-        pred = clf.predict(xv)
-        acc = float((pred == yv).mean())
-        if best is None or acc > best[1]:
-            best = (C, acc, clf, pred)
-    C, val_acc, clf, val_pred = best
-    out = {"C": C, "val_acc": val_acc, "val_pred": val_pred, "test_acc": None, "test_pred": None}
+        fitted[C] = (clf, clf.predict(xv))
+        return float((fitted[C][1] == yv).mean())
+
+    s = search(name, Cs, val_accuracy, extend="geometric", max_extend=max_extend)
+    clf, val_pred = fitted[s.chosen]
+    out = {"C": s.chosen, "val_acc": s.best, "val_pred": val_pred, "test_acc": None, "test_pred": None, "search": s}
     if test_texts is not None:
         out["test_pred"] = clf.predict(vectorizer.transform(list(test_texts)))
         out["test_acc"] = float((out["test_pred"] == np.asarray(test_labels)).mean())
