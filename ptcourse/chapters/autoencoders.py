@@ -2,10 +2,11 @@
 
 The learning rate of every classifier and the ``k`` of every nearest-neighbour vote are chosen on a
 **validation** split taken from the training data (with :func:`ptcourse.compare.search`); the test
-split is used once, after every choice, to report. The denoising autoencoder's own settings (noise
-level, code size, learning rate, epochs) are **fixed, not tuned**: tuning them would cost one
-pretraining run per value, and the chapter compares *one* pretrained encoder against scratch, so its
-verdicts name that single pretraining run among what they do not cover. The labelled training images
+split is used once, after every choice, to report. In the chapter the denoising autoencoder's own
+settings (noise level, code size, learning rate, epochs) are **fixed, not tuned**: tuning them would
+cost one pretraining run per value, and the chapter compares *one* pretrained encoder against
+scratch, so its verdicts name that single pretraining run among what they do not cover. (The
+exercises' open experiment is where a student chooses the noise level and code size on validation.) The labelled training images
 of every budget and seed come from the rest of the pool, so they never overlap the validation set.
 
 Example:
