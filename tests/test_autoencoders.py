@@ -235,3 +235,20 @@ def test_carve_validation_is_disjoint_stratified_and_seeded():
     assert set(few.images.flatten().tolist()) <= set(rest.images.flatten().tolist())
     with pytest.raises(ValueError):
         carve_validation(ds, 200)
+
+
+# ----------------------------------------------------------------------------- the seed count's power argument
+def test_interval_halfwidth_is_the_half_width_of_the_verdicts_interval():
+    """The power argument and the verdicts use the same interval: for per-seed differences with
+    sample sd s, ``interval_halfwidth(s, n)`` is half the width of the paired ``Difference``."""
+    from ptcourse.chapters.autoencoders import interval_halfwidth
+    from ptcourse.results import Difference
+
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 20):
+        diffs = rng.normal(0.01, 0.03, size=n)
+        d = Difference(diffs, np.zeros(n), paired=True)
+        assert np.isclose(interval_halfwidth(diffs.std(ddof=1), n), (d.high - d.low) / 2)
+    widths = [interval_halfwidth(3.0, n) for n in (3, 5, 10, 20, 40)]
+    assert all(a > b for a, b in zip(widths, widths[1:]))      # more seeds, a narrower interval
+    assert interval_halfwidth(3.0, 1) == float("inf")          # one seed: no interval at all

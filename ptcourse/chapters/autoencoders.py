@@ -1,8 +1,13 @@
-"""Chapter 01's data splits: a validation set carved from the training split, few-label subsets of the rest.
+"""Chapter 01's data splits and the arithmetic behind its number of seeds.
 
-Hyperparameters (learning rates, noise level, code size) are chosen on a **validation** split taken
-from the training data; the test split is used once, to report. The labelled training images of
-every budget and seed come from the rest of the pool, so they never overlap the validation set.
+The learning rate of every classifier and the ``k`` of every nearest-neighbour vote are chosen on a
+**validation** split taken from the training data (with :func:`ptcourse.compare.search`); the test
+split is used once, after every choice, to report. In the chapter the denoising autoencoder's own
+settings (noise level, code size, learning rate, epochs) are **fixed, not tuned**: tuning them would
+cost one pretraining run per value, and the chapter compares *one* pretrained encoder against
+scratch, so its verdicts name that single pretraining run among what they do not cover. (The
+exercises' open experiment is where a student chooses the noise level and code size on validation.) The labelled training images
+of every budget and seed come from the rest of the pool, so they never overlap the validation set.
 
 Example:
     >>> from ptcourse import data
@@ -19,7 +24,7 @@ import torch
 
 from ..data import ImageDataset, balanced_indices, stratified_indices
 
-__all__ = ["subset", "carve_validation", "per_class_subset"]
+__all__ = ["subset", "carve_validation", "per_class_subset", "interval_halfwidth"]
 
 
 def subset(dataset: ImageDataset, idx) -> ImageDataset:
@@ -48,3 +53,19 @@ def carve_validation(dataset: ImageDataset, n_val: int, seed: int = 0) -> tuple[
 def per_class_subset(dataset: ImageDataset, per_class: int, seed: int = 0) -> ImageDataset:
     """``per_class`` seeded images of every class of ``dataset`` (a few-label training set)."""
     return subset(dataset, balanced_indices(dataset.labels.numpy(), per_class, seed))
+
+
+def interval_halfwidth(sd: float, n: int, confidence: float = 0.95) -> float:
+    """Half-width of the paired ``confidence`` interval over ``n`` seeds when the per-seed differences
+    have standard deviation ``sd``: ``t(n - 1) * sd / sqrt(n)``.
+
+    A power argument for the number of seeds, made before any result: a difference smaller than this
+    half-width cannot be told from zero, so choose ``n`` with a half-width below the differences
+    worth telling apart. Example (a spread of 3 points between paired seeds):
+        >>> round(interval_halfwidth(3.0, 5), 2), round(interval_halfwidth(3.0, 20), 2)
+        (3.72, 1.4)
+    """
+    from scipy import stats
+    if n < 2:
+        return float("inf")
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n))
