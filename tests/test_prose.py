@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ptcourse.tools.sync import MEASURED, _score_lines, measured_block, sync_notebooks, unrecorded_numbers, unsupported_claims
+from ptcourse.tools.sync import MEASURED, _score_lines, measured_block, seed_counts, sync_notebooks, unrecorded_numbers, unsupported_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
@@ -90,11 +90,16 @@ def test_a_planted_comparative_claim_is_caught():
 
 def test_the_measured_cell_shows_scores_over_seeds_as_mean_and_spread():
     """Per-seed lists become 'mean ± sd' rows and a {method: {budget: seeds}} table a methods × budgets grid."""
-    metrics = {"acc_scratch": [0.5, 0.7], "budgets": [4, 32], "note": "x",
-               "acc": {"lora": {"4": [0.5, 0.7], "32": [0.8, 0.8]}, "probe": {"4": [0.1, 0.3]}}}
+    metrics = {"seeds": 2, "acc_scratch": [0.5, 0.7], "budgets": [4, 32, 64], "note": "x",
+               "acc": {"lora": {"4": [0.5, 0.7], "32": [0.8, 0.8]}, "probe": {"4": [0.1, 0.3]}},
+               "acc_full_per_seed": [[0.5, 0.7], [0.6, 0.6], [0.9, 0.7]]}
     text = "\n".join(_score_lines(metrics))
     assert "| lora | 0.6 ± 0.14 | 0.8 ± 0 |" in text
     assert "| probe | 0.2 ± 0.14 |  |" in text            # a budget a method was not run at stays empty
     assert "| acc scratch | 0.6 ± 0.14 | 2 |" in text
-    assert "| budgets | 18 ± 20 | 2 |" in text             # any list of numbers is shown; a chapter keeps them apart
+    assert "| result | 4 | 32 | 64 |" in text and "| acc full per seed | 0.6 ± 0.14 | 0.6 ± 0 | 0.8 ± 0.14 |" in text
+    assert "budgets |" not in text                         # a list as long as no seed count is not a score
+    assert _score_lines({"shape": [6, 12], "acc": [0.5, 0.7]}) == []   # no seed count known: no score rows
     assert _score_lines({"acc": [0.5], "n": 3}) == []
+    assert seed_counts({"metrics": {"seeds": [0, 1, 2]}, "verdicts": [{"n": 5}, {"n": 1}]}) == {3, 5}
+

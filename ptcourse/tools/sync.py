@@ -111,7 +111,7 @@ def measured_block(chapter: str, record: dict | None) -> str:
     lines = [head + f"Generated from `results/{chapter}.json` (profile `{record['profile']}`, "
              f"{record['device']}, {record['wall_time_s'] / 60:.1f} min{busy}, recorded "
              f"{record['recorded'][:10]}). Your own run prints its numbers above. {_reruns(record)}"]
-    lines += _score_lines(record["metrics"])
+    lines += _score_lines(record["metrics"], seed_counts(record))
     lines += _verdict_lines(record.get("verdicts") or [])
     lines += _search_lines(record.get("searches") or {})
     lines += ["", "<details><summary>The whole record</summary>", "", "| metric | value |", "|---|---|"]
@@ -134,9 +134,21 @@ def _reruns(record: dict) -> str:
             "the seed-to-seed spread that the intervals are about.")
 
 
-def _per_seed(value) -> bool:
+def _numbers(value) -> bool:
     return (isinstance(value, list) and len(value) >= 2
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+
+
+def seed_counts(record: dict) -> set[int]:
+    """How many seeds the record's scores were measured over: its verdicts' ``n`` and its ``seeds`` metric.
+
+    >>> seed_counts({"metrics": {"seeds": [0, 1, 2]}, "verdicts": [{"n": 5}]})
+    {3, 5}
+    """
+    counts = {v.get("n") for v in record.get("verdicts") or []}
+    seeds = record.get("metrics", {}).get("seeds")
+    counts.add(len(seeds) if isinstance(seeds, list) else seeds)
+    return {c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c >= 2}
 
 
 def _mean_sd(values) -> str:
@@ -144,25 +156,42 @@ def _mean_sd(values) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def _score_lines(metrics: dict) -> list[str]:
+_BUDGET_KEYS = ("budgets", "labels_per_class", "per_class", "probe_budgets")
+
+
+def _score_lines(metrics: dict, seeds: set[int] | None = None) -> list[str]:
     """The chapter's results as a reader wants them: every score measured over seeds as mean ± sd.
 
-    A metric holding per-seed scores (a list of numbers) is one row; a metric holding a table of them
-    (``{method: {budget: [per-seed scores]}}``) becomes a methods × budgets table of its own.
+    Only lists as long as a seed count of the record (``seeds``: see `seed_counts`) are per-seed scores;
+    other lists (a grid, the budgets, a shape) are left to the whole-record table. A metric holding per-seed
+    scores is one row; ``key_per_seed`` holding one list per budget is one row with a column per budget; a
+    table ``{method: {budget: [per-seed scores]}}`` becomes a methods × budgets table of its own.
     """
-    lines, flat = [], [(k, v) for k, v in metrics.items() if _per_seed(v)]
+    seeds = seed_counts({"metrics": metrics}) if seeds is None else seeds
+    per_seed = lambda v: _numbers(v) and len(v) in seeds
+    lines, rows = [], []
     for key, table in metrics.items():
         if not (isinstance(table, dict) and table and all(
-                isinstance(row, dict) and row and all(_per_seed(x) for x in row.values()) for row in table.values())):
+                isinstance(row, dict) and row and all(per_seed(x) for x in row.values()) for row in table.values())):
             continue
         cols = list(dict.fromkeys(c for row in table.values() for c in row))
         lines += ["", f"**{key.replace('_', ' ')}** (mean ± sd over seeds):", "",
                   "| | " + " | ".join(map(str, cols)) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(_mean_sd(row[c]) if c in row else "" for c in cols) + " |"
                   for name, row in table.items()]
-    if flat:
+    nested = {k: v for k, v in metrics.items()
+              if isinstance(v, list) and len(v) >= 1 and all(per_seed(x) for x in v)}
+    if nested:
+        width = max(map(len, nested.values()))
+        labels = next((metrics[k] for k in _BUDGET_KEYS if isinstance(metrics.get(k), list)
+                       and len(metrics[k]) == width), list(range(1, width + 1)))
+        lines += ["", "**Scores over seeds, per budget** (mean ± sd):", "",
+                  "| result | " + " | ".join(map(str, labels)) + " |", "|---" * (width + 1) + "|"]
+        lines += [f"| {k.replace('_', ' ')} | " + " | ".join(_mean_sd(x) for x in v) + " |" for k, v in nested.items()]
+    rows = [(k, v) for k, v in metrics.items() if per_seed(v)]
+    if rows:
         lines += ["", "**Scores over seeds:**", "", "| result | mean ± sd | seeds |", "|---|---|---|"]
-        lines += [f"| {k.replace('_', ' ')} | {_mean_sd(v)} | {len(v)} |" for k, v in flat]
+        lines += [f"| {k.replace('_', ' ')} | {_mean_sd(v)} | {len(v)} |" for k, v in rows]
     return lines
 
 
