@@ -211,23 +211,34 @@ def test_evidence_reads_records_and_says_what_is_missing(tmp_path, capsys):
     assert "01_x.json" in out and "not recorded" in out
 
 
+def test_evidence_prints_a_verdict_in_words_with_holm(tmp_path, capsys):
+    verdicts = [{"key": "a_vs_b", "outcome": "ahead", "holm": False, "words": "a is ahead of b by +2.0 points [+0.1, +3.9]"},
+                {"key": "c_vs_b", "outcome": "not told apart", "holm": False, "words": "c and b are not told apart"}]
+    (tmp_path / "01_x.json").write_text(json.dumps({"profile": "cpu", "metrics": {}, "verdicts": verdicts}))
+    rows = iq.evidence([("01_x", "verdict:a_vs_b"), ("01_x", "verdict:c_vs_b"), ("01_x", "verdict:nope")],
+                       folder=tmp_path)
+    out = capsys.readouterr().out
+    assert rows[0]["value"].endswith("(not after Holm's correction)") and "+0.1, +3.9" in out
+    assert rows[1]["value"] == "c and b are not told apart" and rows[2]["value"] is None
+
+
 def _cited_keys(text):
-    return re.findall(r"`results/(\d\d_[a-z_]+)\.json` → `([A-Za-z0-9_.]+)`", text)
+    return re.findall(r"`results/(\d\d_[a-z_]+)\.json` → `([A-Za-z0-9_.:]+)`", text)
 
 
 def test_every_cited_record_key_exists():
     """The chapter cites results as "`results/NN_x.json` → `key`"; each cited key must be in that record
-    (records of chapters still being written, 06 and 07, are skipped until they exist)."""
+    (a verdict as `verdict:NAME`, which must be among that record's verdicts)."""
     text = (ROOT / "chapters" / "08_interview_questions.ipynb").read_text(encoding="utf-8")
     cited = _cited_keys(text)
     assert len(cited) >= 8, "the answers should cite the measurements that support them"
     missing = []
     for chapter, key in cited:
         path = ROOT / "results" / f"{chapter}.json"
-        if not path.exists():
-            assert chapter[:2] in ("06", "07"), f"cites {path.name}, which does not exist"
-            continue
-        if key not in json.loads(path.read_text(encoding="utf-8"))["metrics"]:
+        assert path.exists(), f"cites {path.name}, which does not exist"
+        record = json.loads(path.read_text(encoding="utf-8"))
+        known = set(record["metrics"]) | {f"verdict:{v['key']}" for v in record.get("verdicts") or []}
+        if key not in known:
             missing.append(f"{chapter} → {key}")
     assert not missing, "cited keys missing from the records: " + ", ".join(missing)
 

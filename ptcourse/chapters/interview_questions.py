@@ -7,6 +7,9 @@ ever typed into the prose::
     >>> evidence([("01_autoencoders", "acc_scratch"), ("01_autoencoders", "acc_finetuned")])
     results/01_autoencoders.json (cpu profile)
       acc_scratch     [0.45, 0.644, ...]
+
+A key ``verdict:NAME`` prints the chapter's recorded verdict in words (a paired difference over seeds with
+its 95 % interval) and whether it stands after Holm's correction for the chapter's number of verdicts.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def evidence(pairs, folder=None, max_items: int | None = 6) -> list[dict]:
     for chapter, key in pairs:
         path = folder / f"{chapter}.json" if folder is not None else None
         record = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
-        value = record["metrics"].get(key) if record else None
+        value = _verdict(record, key[len("verdict:"):]) if key.startswith("verdict:") else \
+            (record["metrics"].get(key) if record else None)
         rows.append({"chapter": chapter, "key": key, "value": value,
                      "profile": record.get("profile") if record else None})
         if chapter != shown:
@@ -46,5 +50,16 @@ def evidence(pairs, folder=None, max_items: int | None = 6) -> list[dict]:
             where = f"results/{chapter}.json"
             print(f"{where} ({record.get('profile')} profile)" if record else f"{where}: not recorded yet")
         if record:
-            print(f"  {key:<34s} {fmt(value, max_items) if value is not None else 'not recorded'}")
+            shown_value = value if isinstance(value, str) else fmt(value, max_items)
+            print(f"  {key:<34s} {shown_value if value is not None else 'not recorded'}")
     return rows
+
+
+def _verdict(record: dict | None, name: str) -> str | None:
+    """A recorded verdict in words, with what Holm's correction says; None when the record has none."""
+    for v in (record or {}).get("verdicts") or []:
+        if v.get("key") == name:
+            if v["outcome"] not in ("ahead", "behind"):
+                return v["words"]
+            return v["words"] + (" (stands after Holm)" if v.get("holm") else " (not after Holm's correction)")
+    return None
