@@ -103,3 +103,10 @@ def test_the_measured_cell_shows_scores_over_seeds_as_mean_and_spread():
     assert _score_lines({"acc": [0.5], "n": 3}) == []
     assert seed_counts({"metrics": {"seeds": [0, 1, 2]}, "verdicts": [{"n": 5}, {"n": 1}]}) == {3, 5}
 
+
+
+def test_no_chapter_leaves_a_result_placeholder_unfilled():
+    """Sentences that depend on a run are written as `<!-- after-record: ... -->` until the record exists;
+    a published chapter has none left."""
+    left = {p.name: p.read_text(encoding="utf-8").count("after-record:") for p in CHAPTERS}
+    assert not {k: v for k, v in left.items() if v}, f"unfilled result placeholders: {left}"
