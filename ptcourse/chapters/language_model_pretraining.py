@@ -1,4 +1,5 @@
-"""Chapter 06's helpers: a leak-free pretraining corpus, a byte-level BPE, a small GPT, LM batches.
+"""Chapter 06's helpers: a leak-free pretraining corpus, a byte-level BPE, a small GPT, LM batches,
+decoding (greedy, top-k, nucleus; a KV cache), sample statistics, and the GPT as ``transformers``' GPT-2.
 
 The chapter writes its GPT in the notebook, to be read; :class:`GPT` here is the same network,
 for the exercises, the checks and the tests.
@@ -524,6 +525,14 @@ def attention_step(attn: CausalSelfAttention, x: torch.Tensor, cache=None):
     and values of the earlier positions (``cache = (k, v)``, each ``[B, heads, T_past, d_h]``, or
     None) and their own. Returns the output ``[B, T_new, d]`` and the cache extended by the new
     positions' keys and values: only the new positions are projected.
+
+    Example:
+        >>> attn = CausalSelfAttention(32, n_heads=4).eval()
+        >>> x = torch.randn(1, 5, 32)
+        >>> _, cache = attention_step(attn, x[:, :4])
+        >>> y, cache = attention_step(attn, x[:, 4:], cache)
+        >>> cache[0].shape, torch.allclose(y, attn(x)[:, 4:], atol=1e-5)
+        (torch.Size([1, 4, 5, 8]), True)
     """
     B, T, C = x.shape
     q, k, v = attn.qkv(x).split(C, dim=2)
@@ -637,7 +646,13 @@ def repeated_token_rate(samples, window: int | None = None) -> float:
 # ----------------------------------------------------------------------------- the same network in transformers
 def gpt2_config(model: GPT, activation: str = "gelu"):
     """The ``transformers.GPT2Config`` of ``model``'s shape (no download). ``activation="gelu"`` is
-    the exact GELU of ``nn.GELU()``; GPT-2 itself uses ``"gelu_new"``, the tanh approximation."""
+    the exact GELU of ``nn.GELU()``; GPT-2 itself uses ``"gelu_new"``, the tanh approximation.
+
+    Example:
+        >>> c = gpt2_config(GPT(vocab_size=50, context=16, d_model=32, n_layers=2))
+        >>> c.n_layer, c.n_embd, c.n_inner, c.activation_function
+        (2, 32, 128, 'gelu')
+    """
     from transformers import GPT2Config
     d = model.tok_emb.embedding_dim
     return GPT2Config(vocab_size=model.tok_emb.num_embeddings, n_positions=model.context, n_embd=d,
