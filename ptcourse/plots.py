@@ -251,6 +251,31 @@ def pretrain_finetune_diagram(title="Pretraining, then fine-tuning"):
     return fig
 
 
+def generation_speed(new_tokens, seconds: dict, title="Generation time against length"):
+    """Time to generate against the number of new tokens, one line per way of generating
+    (``seconds = {"without cache": [...], "with cache": [...]}``, log-log), and the speed-up of the
+    last line over the first.
+
+    Example:
+        >>> fig = generation_speed([32, 64, 128], {"without cache": [0.2, 0.5, 1.6], "with cache": [0.1, 0.2, 0.4]})
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
+    for name, s in seconds.items():
+        axes[0].plot(new_tokens, s, marker="o", label=name)
+    axes[0].set_xscale("log", base=2); axes[0].set_yscale("log")
+    axes[0].set_xlabel("new tokens"); axes[0].set_ylabel("seconds"); axes[0].legend()
+    (first, a), (last, b) = list(seconds.items())[0], list(seconds.items())[-1]
+    axes[1].plot(new_tokens, np.asarray(a) / np.asarray(b), marker="o", color="tab:green")
+    axes[1].axhline(1, color="gray", ls=":")
+    axes[1].set_xscale("log", base=2); axes[1].set_xlabel("new tokens")
+    axes[1].set_ylabel(f"speed-up ({first} / {last})")
+    for ax in axes:
+        ax.set_xticks(new_tokens); ax.set_xticklabels([str(n) for n in new_tokens]); ax.grid(alpha=0.3)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    fig.suptitle(title); fig.tight_layout()
+    return fig
+
+
 def attention_grid(weights, tokens, ncols=6, size=1.9, title=None):
     """Every head's attention matrix of one layer: ``weights`` [heads, n, n], rows = queries.
 

@@ -230,3 +230,120 @@ def test_pretraining_experiment_check_judges_the_outcome():
     assert not checks.check_pretraining_experiment(model, tok, corpus, steps=200, max_steps=100, quiet=True)
     leaky = lm.Corpus(corpus.train + corpus.heldout, corpus.heldout, [], {})
     assert not checks.check_pretraining_experiment(model, tok, leaky, steps=80, max_steps=100, quiet=True)
+
+
+# ----------------------------------------------------------------------------- generating text
+def test_cached_generation_gives_the_same_tokens_and_logits():
+    model = _model(dropout=0.0).eval()
+    prompt = torch.randint(3, 50, (3, 4))
+    greedy = lm.generate(model, prompt, 12, temperature=0)
+    assert greedy.shape == (3, 16) and torch.equal(greedy[:, :4], prompt)
+    assert torch.equal(greedy, lm.generate(model, prompt, 12, temperature=0, use_cache=False))
+    sampled = lm.generate(model, prompt, 12, top_p=0.9, seed=3)         # same draws: same logits, same random stream
+    assert torch.equal(sampled, lm.generate(model, prompt, 12, top_p=0.9, seed=3, use_cache=False))
+    with torch.no_grad():
+        full = model(greedy)
+        logits, caches = lm.forward_with_cache(model, greedy[:, :4])
+        rows = [logits]
+        for t in range(4, greedy.shape[1]):
+            logits, caches = lm.forward_with_cache(model, greedy[:, t:t + 1], caches)
+            rows.append(logits)
+    assert caches[0][0].shape == (3, 4, 16, 8)                          # [B, heads, positions, d_head] per layer
+    assert torch.allclose(torch.cat(rows, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError):                                    # a cache cannot slide past the context
+        lm.forward_with_cache(model, torch.zeros(1, 1, dtype=torch.long), caches)
+
+
+def test_a_cache_without_the_new_tokens_own_keys_would_be_caught():
+    """The comparison can fail: a step that attends to the cache only (forgetting its own key) differs."""
+    model = _model().eval()
+    ids = torch.randint(3, 50, (2, 6))
+    _, caches = lm.forward_with_cache(model, ids[:, :5])
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+        x = model.tok_emb(ids[:, 5:]) + model.pos_emb(torch.tensor([5]))
+        for block, (k, v) in zip(model.blocks, caches):
+            h = block.ln1(x)
+            q = block.attn.qkv(h).split(32, dim=2)[0].view(2, 1, 4, 8).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v)                 # the past only: the new key is missing
+            x = x + block.attn.proj(y.transpose(1, 2).reshape(2, 1, 32))
+            x = x + block.mlp(block.ln2(x))
+        wrong = model.head(model.ln_f(x))[:, -1]
+    assert not torch.allclose(wrong, full, atol=1e-4)
+    assert torch.allclose(lm.forward_with_cache(model, ids[:, 5:], caches)[0][:, -1], full, atol=1e-5)
+
+
+def test_sample_next_greedy_top_p_and_suppress():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert lm.sample_next(logits, temperature=0).tolist() == [1]
+    torch.manual_seed(0)
+    draws = lm.sample_next(logits.expand(4000, -1), top_p=0.5)        # p(1) ~ .46 < .5: the nucleus is {1, 3}
+    assert set(draws.tolist()) == {1, 3}
+    peaked = torch.tensor([[9.0, 0.0, 0.0]])
+    assert lm.top_p_filter(peaked, 0.99).isfinite().tolist() == [[True, False, False]]
+    assert lm.top_p_filter(torch.zeros(1, 4), 0.5).isfinite().sum() == 2   # flat: half the tokens
+    model = _model().eval()
+    out = lm.generate(model, torch.tensor([[0, 5]]), 14, suppress=(lm.EOS_ID, 7), seed=0)
+    assert not ((out[:, 2:] == lm.EOS_ID) | (out[:, 2:] == 7)).any()
+
+
+def test_distinct_n_and_repeated_token_rate():
+    assert lm.distinct_n([[1, 2, 3, 4]], 1) == 1.0 and lm.distinct_n([[5, 5, 5, 5]], 1) == 0.25
+    assert lm.distinct_n([[1, 2, 1, 2, 1]], 2) == 0.5                    # (1,2) (2,1) (1,2) (2,1)
+    assert lm.distinct_n([[1, 2], [2, 1]], 2) == 1.0                     # n-grams do not cross samples
+    assert lm.repeated_token_rate([[1, 2, 3, 4]]) == 0.0 and lm.repeated_token_rate([[9, 9, 9]]) == 1.0
+    assert lm.repeated_token_rate([[1, 2], [2, 1]]) == 0.0               # repeats are counted within a sample
+    assert lm.repeated_token_rate([[1, 2, 3, 1]], window=2) == 0.0 and lm.repeated_token_rate([[1, 2, 3, 1]]) == 1 / 3
+
+
+def test_to_gpt2_computes_the_same_logits():
+    model = _model().eval()
+    with torch.no_grad():                                                # weights far from their initial values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf = lm.to_gpt2(model).eval()
+    assert hf.config.n_layer == 2 and hf.config.n_embd == 32 and hf.lm_head.weight is hf.transformer.wte.weight
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+        tanh_gelu = lm.to_gpt2(model, activation="gelu_new").eval()(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+    assert not torch.allclose(ours, tanh_gelu, atol=1e-4)                # GPT-2's own GELU is a different function
+    state = model.state_dict()                                          # a mapping that forgets the transpose fails
+    hf.transformer.h[0].mlp.c_fc.weight.data = state["blocks.0.mlp.0.weight"].reshape(32, 128).clone()
+    with torch.no_grad():
+        assert not torch.allclose(hf(ids).logits, ours, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the nucleus exercise's check
+def test_top_p_check_accepts_the_right_answer_and_rejects_typical_wrong_ones():
+    assert checks.check_top_p_filter(lm.top_p_filter, quiet=True)
+    assert checks.check_top_p_filter(lambda lo, p: lm.top_p_filter(lo, p).nan_to_num(neginf=-1e9), quiet=True)
+
+    def crossing_dropped(logits, p):                                    # cumsum > p: the token that crosses p is lost
+        s, order = logits.sort(-1, descending=True)
+        drop = s.softmax(-1).cumsum(-1) > p
+        return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+    def not_unsorted(logits, p):                                        # the sorted-order mask applied to the original order
+        s, _ = logits.sort(-1, descending=True)
+        probs = s.softmax(-1)
+        return logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
+
+    def top_k_instead(logits, p):
+        kth = logits.topk(max(1, int(p * logits.shape[-1])), -1).values[:, -1:]
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    def cumsum_of_logits(logits, p):                                    # no softmax: sums logits, not probabilities
+        s, order = logits.sort(-1, descending=True)
+        drop = s.cumsum(-1) - s >= p
+        return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+    r = checks.check_top_p_filter(crossing_dropped, quiet=True)
+    assert not r and "crosses" in r.message
+    r = checks.check_top_p_filter(not_unsorted, quiet=True)
+    assert not r and "scatter it back" in r.message
+    for wrong in (top_k_instead, cumsum_of_logits, lambda lo, p: lo):
+        assert not checks.check_top_p_filter(wrong, quiet=True)
+    with pytest.raises(NotImplementedError):
+        checks.check_top_p_filter(lambda lo, p: (_ for _ in ()).throw(NotImplementedError("Exercise 5")), quiet=True)

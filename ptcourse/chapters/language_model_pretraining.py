@@ -1,4 +1,5 @@
-"""Chapter 06's helpers: a leak-free pretraining corpus, a byte-level BPE, a small GPT, LM batches.
+"""Chapter 06's helpers: a leak-free pretraining corpus, a byte-level BPE, a small GPT, LM batches,
+decoding (greedy, top-k, nucleus; a KV cache), sample statistics, and the GPT as ``transformers``' GPT-2.
 
 The chapter writes its GPT in the notebook, to be read; :class:`GPT` here is the same network,
 for the exercises, the checks and the tests.
@@ -474,3 +475,220 @@ def collate_sentences(items, pad_id: int = PAD_ID) -> dict:
     lengths = torch.tensor([len(i) for i, _ in items])
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in items])}
+
+
+# ----------------------------------------------------------------------------- generating text
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) filtering: keep the smallest set of likeliest tokens whose probabilities sum
+    to at least ``top_p``, set the other logits to ``-inf`` (Holtzman et al. 2020).
+
+    A token is kept when the probability of the tokens ranked above it is below ``top_p``, so the
+    likeliest token is always kept and the token that crosses ``top_p`` is kept too. The logits are
+    taken as they are (divide by a temperature first if you want one).
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)   # probs .64 .24 .09 .03
+        >>> top_p_filter(logits, 0.8).isfinite().tolist()
+        [[True, True, False, False]]
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    above = probs.cumsum(dim=-1) - probs                 # mass of the tokens ranked above each one
+    drop_sorted = above >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)   # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """Next token ids ``[B]`` from logits ``[B, V]``: greedy when ``temperature == 0`` (the argmax),
+    else a draw from softmax(logits / T) restricted to the ``top_k`` largest logits and/or the
+    nucleus of mass ``top_p`` (:func:`top_p_filter`).
+
+    Example:
+        >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), temperature=0).tolist()
+        [1]
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
+
+
+def attention_step(attn: CausalSelfAttention, x: torch.Tensor, cache=None):
+    """Causal self-attention of the *new* positions ``x`` ``[B, T_new, d]`` over the cached keys
+    and values of the earlier positions (``cache = (k, v)``, each ``[B, heads, T_past, d_h]``, or
+    None) and their own. Returns the output ``[B, T_new, d]`` and the cache extended by the new
+    positions' keys and values: only the new positions are projected.
+
+    Example:
+        >>> attn = CausalSelfAttention(32, n_heads=4).eval()
+        >>> x = torch.randn(1, 5, 32)
+        >>> _, cache = attention_step(attn, x[:, :4])
+        >>> y, cache = attention_step(attn, x[:, 4:], cache)
+        >>> cache[0].shape, torch.allclose(y, attn(x)[:, 4:], atol=1e-5)
+        (torch.Size([1, 4, 5, 8]), True)
+    """
+    B, T, C = x.shape
+    q, k, v = attn.qkv(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_heads, C // attn.n_heads).transpose(1, 2) for t in (q, k, v))
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+    past = k.shape[2] - T
+    allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # new query i sees keys <= past + i
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+    y = scores.softmax(dim=-1) @ v
+    return attn.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+def forward_with_cache(model: GPT, ids: torch.Tensor, caches=None):
+    """Next-token logits ``[B, T_new, V]`` of the new tokens ``ids`` ``[B, T_new]`` that follow the
+    positions held in ``caches`` (one ``(k, v)`` per layer from an earlier call; None: ``ids`` is
+    the start). Returns ``(logits, caches)``. Calling it on a prompt, then on one token at a time,
+    gives the same logits as ``model`` on the whole sequence, with each position computed once.
+
+    Example:
+        >>> model = GPT(vocab_size=50, context=16, d_model=32, n_layers=2).eval()
+        >>> ids = torch.randint(0, 50, (1, 6))
+        >>> a, caches = forward_with_cache(model, ids[:, :5])
+        >>> b, caches = forward_with_cache(model, ids[:, 5:], caches)
+        >>> torch.allclose(b[:, -1], model(ids)[:, -1], atol=1e-5)
+        True
+    """
+    start = 0 if caches is None else caches[0][0].shape[2]
+    T = ids.shape[1]
+    if start + T > model.context:
+        raise ValueError(f"{start + T} positions are more than the context ({model.context}): "
+                         "a cache cannot slide, the positions of the cached keys would change.")
+    x = model.tok_emb(ids) + model.pos_emb(torch.arange(start, start + T, device=ids.device))
+    new_caches = []
+    for block, cache in zip(model.blocks, caches or [None] * len(model.blocks)):
+        a, cache = attention_step(block.attn, block.ln1(x), cache)
+        x = x + a
+        x = x + block.mlp(block.ln2(x))
+        new_caches.append(cache)
+    return model.head(model.ln_f(x)), new_caches
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt_ids: torch.Tensor, n_new: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+             seed: int | None = None, suppress=()) -> torch.Tensor:
+    """Continue ``prompt_ids`` ``[B, P]`` by ``n_new`` tokens (no stop at ``<|endoftext|>``) with
+    :func:`sample_next` (``temperature=0``: greedy). ``use_cache=True`` runs the prompt once, then
+    only the newest token per step (:func:`forward_with_cache`); ``False`` reruns the model on the
+    whole sequence at every step. Both give the same tokens. ``suppress``: token ids never generated
+    (``(EOS_ID,)`` makes every sample run the full length, like Hugging Face's ``min_new_tokens``).
+    Returns ``[B, P + n_new]``.
+
+    Example:
+        >>> model = GPT(vocab_size=50, context=32, d_model=32, n_layers=2)
+        >>> prompt = torch.tensor([[0, 7, 8]])
+        >>> torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0, use_cache=False))
+        True
+    """
+    was = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    ids, caches, new = prompt_ids, None, prompt_ids
+    for _ in range(n_new):
+        if use_cache:
+            logits, caches = forward_with_cache(model, new, caches)      # only the tokens not seen yet
+        else:
+            logits = model(ids)                                           # the whole prefix, again
+        logits = logits[:, -1]
+        if suppress:
+            logits = logits.index_fill(-1, torch.tensor(suppress, device=logits.device), float("-inf"))
+        new = sample_next(logits, temperature, top_k, top_p)[:, None]
+        ids = torch.cat([ids, new], dim=1)
+    model.train(was)
+    return ids
+
+
+# ----------------------------------------------------------------------------- what samples look like
+def distinct_n(samples, n: int) -> float:
+    """Distinct-n (Li et al. 2016): the number of *different* n-grams of tokens in all ``samples``
+    together divided by the number of n-grams in them (1: no n-gram occurs twice; small: the
+    samples keep saying the same things). n-grams are counted within each sample.
+
+    Example:
+        >>> distinct_n([[1, 2, 3], [1, 2, 4]], 1), distinct_n([[1, 2, 3], [1, 2, 4]], 2)
+        (0.6666666666666666, 0.75)
+    """
+    grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_token_rate(samples, window: int | None = None) -> float:
+    """The share of tokens, over all ``samples``, that repeat a token among the previous ``window``
+    tokens of the same sample (None: all previous tokens); the first token of a sample is not
+    counted. Welleck et al. (2020) call this rep/w. Degenerate loops ("the the the") push it to 1.
+
+    Example:
+        >>> repeated_token_rate([[5, 6, 5, 5], [7, 8]]), repeated_token_rate([[5, 6, 5, 5]], window=1)
+        (0.5, 0.3333333333333333)
+    """
+    repeats = total = 0
+    for s in samples:
+        s = list(s)
+        for t in range(1, len(s)):
+            repeats += s[t] in s[max(0, t - window) if window else 0:t]
+            total += 1
+    return repeats / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------- the same network in transformers
+def gpt2_config(model: GPT, activation: str = "gelu"):
+    """The ``transformers.GPT2Config`` of ``model``'s shape (no download). ``activation="gelu"`` is
+    the exact GELU of ``nn.GELU()``; GPT-2 itself uses ``"gelu_new"``, the tanh approximation.
+
+    Example:
+        >>> c = gpt2_config(GPT(vocab_size=50, context=16, d_model=32, n_layers=2))
+        >>> c.n_layer, c.n_embd, c.n_inner, c.activation_function
+        (2, 32, 128, 'gelu')
+    """
+    from transformers import GPT2Config
+    d = model.tok_emb.embedding_dim
+    return GPT2Config(vocab_size=model.tok_emb.num_embeddings, n_positions=model.context, n_embd=d,
+                      n_layer=len(model.blocks), n_head=model.blocks[0].attn.n_heads, n_inner=4 * d,
+                      activation_function=activation, layer_norm_epsilon=model.ln_f.eps,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                      bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+@torch.no_grad()
+def to_gpt2(model: GPT, activation: str = "gelu"):
+    """``transformers.GPT2LMHeadModel`` with ``model``'s weights: the same network under GPT-2's names.
+
+    GPT-2's linear layers are ``Conv1D`` modules whose weight is stored ``[in, out]``, the transpose
+    of ``nn.Linear``'s ``[out, in]``; its ``c_attn`` is our fused ``qkv`` (queries, keys, values in
+    that order); ``wte``/``wpe`` are the token and position embeddings, ``lm_head`` is tied to ``wte``.
+
+    Example:
+        >>> model = GPT(vocab_size=50, context=16, d_model=32, n_layers=2).eval()
+        >>> hf = to_gpt2(model).eval()
+        >>> ids = torch.randint(0, 50, (2, 9))
+        >>> torch.allclose(hf(ids).logits, model(ids), atol=1e-5)
+        True
+    """
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel(gpt2_config(model, activation))
+    t = hf.transformer
+    t.wte.weight.copy_(model.tok_emb.weight)
+    t.wpe.weight.copy_(model.pos_emb.weight)
+    pairs = [(t.ln_f, model.ln_f)]
+    for h, b in zip(t.h, model.blocks):
+        pairs += [(h.ln_1, b.ln1), (h.ln_2, b.ln2), (h.attn.c_attn, b.attn.qkv), (h.attn.c_proj, b.attn.proj),
+                  (h.mlp.c_fc, b.mlp[0]), (h.mlp.c_proj, b.mlp[2])]
+    for theirs, ours in pairs:
+        transposed = type(theirs).__name__ == "Conv1D"
+        theirs.weight.copy_(ours.weight.T if transposed else ours.weight)
+        theirs.bias.copy_(ours.bias)
+    assert hf.lm_head.weight.data_ptr() == t.wte.weight.data_ptr(), "lm_head is not tied to wte"
+    return hf

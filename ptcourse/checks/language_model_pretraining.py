@@ -1,5 +1,5 @@
-"""Checks for chapter 06's exercises: causal self-attention, the next-token loss, sampling, and the
-open-ended pretraining experiment.
+"""Checks for chapter 06's exercises: causal self-attention, the next-token loss, sampling, nucleus
+(top-p) filtering, and the open-ended pretraining experiment.
 
 Example:
     >>> from ptcourse.checks.language_model_pretraining import check_causal_attention
@@ -147,6 +147,53 @@ def check_sample_next(sample_fn, quiet=False, draws: int = 20000) -> CheckResult
                                  f"{where}", "", hint, quiet)
     return _result(name, None, f"frequencies of {draws} draws match softmax(logits / T) with top-k for "
                                f"{len(settings)} settings.", "", quiet)
+
+
+# ----------------------------------------------------------------------------- nucleus filtering
+def reference_top_p_filter(logits, top_p):
+    """The library's :func:`~ptcourse.chapters.language_model_pretraining.top_p_filter`: the logits
+    with every token outside the nucleus of mass ``top_p`` set to ``-inf``."""
+    from ptcourse.chapters.language_model_pretraining import top_p_filter
+    return top_p_filter(logits, top_p)
+
+
+def _nucleus_cases(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    peaked = torch.tensor([[6.0, 1.0, 0.5, 0.0, -1.0, -2.0]])            # one token holds almost all the mass
+    cases = [(peaked, 0.9), (torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1), 0.8)]
+    for B, V, scale, p in [(4, 10, 1.0, 0.9), (3, 50, 3.0, 0.5), (5, 20, 0.3, 0.95), (2, 30, 2.0, 0.3)]:
+        cases.append((torch.randn(B, V, generator=g) * scale, p))
+    return cases
+
+
+def check_top_p_filter(filter_fn, quiet=False) -> CheckResult:
+    """``filter_fn(logits, top_p) -> logits``: ``logits`` ``[B, V]``; the tokens outside the smallest
+    set of likeliest tokens whose probabilities sum to at least ``top_p`` must get probability 0
+    (``-inf`` or a very negative logit), the others keep their logits. Compared through the softmax
+    of the output, so ``-inf`` and ``-1e9`` both pass."""
+    probs = lambda fn: (lambda logits, p: fn(logits, p).softmax(-1))
+    hint = ("sort the probabilities in descending order; keep a token while the mass of the tokens ranked "
+            "*above* it is below top_p (so the token that crosses top_p is kept), then map the mask back to "
+            "the original order before filling the rest with -inf.")
+    cases = _nucleus_cases()
+    try:
+        got = [filter_fn(l.clone(), p) for l, p in cases]
+    except NotImplementedError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by compare below
+        got = None
+    if got is not None and all(torch.is_tensor(x) and x.shape == l.shape for x, (l, _) in zip(got, cases)):
+        kept = [x.detach().softmax(-1) > 0 for x in got]
+        ref = [reference_top_p_filter(l, p).isfinite() for l, p in cases]
+        if any(torch.isnan(x.detach().softmax(-1)).any() for x in got) or kept[0].sum() < ref[0].sum():
+            hint = ("a row lost every token, or the token that crosses top_p was dropped: keep a token when the "
+                    "mass *above* it (cumsum minus its own probability) is below top_p; the likeliest is always kept.")
+        elif all(torch.equal(a.sum(-1), b.sum(-1)) for a, b in zip(kept, ref)) and \
+                not all(torch.equal(a, b) for a, b in zip(kept, ref)):
+            hint = ("the right number of tokens is kept, but not the right ones: the mask was computed in sorted "
+                    "order; scatter it back to the vocabulary order (or fill the sorted logits and unsort them).")
+    return compare("check_top_p_filter", probs(filter_fn), probs(reference_top_p_filter), cases, quiet=quiet,
+                   hint=hint)
 
 
 # ----------------------------------------------------------------------------- the open-ended experiment
