@@ -199,6 +199,36 @@ def bars(values: dict, ylabel="", title=None, errors: dict | None = None):
     return fig
 
 
+def stacked_bars(rows: dict, parts=None, xlabel="", title=None, scale=1.0):
+    """Horizontal stacked bars: one bar per row name, one coloured segment per part.
+
+    ``rows`` is ``{name: {part: value}}`` (e.g. the training memory of each method, by part);
+    ``parts`` picks and orders the segments (default: the keys of the first row); every value is
+    multiplied by ``scale`` (e.g. ``1 / 2**20`` for MiB). Each bar's total is written at its end.
+
+    Example:
+        >>> fig = stacked_bars({"full": {"weights": 86, "gradients": 86}, "LoRA": {"weights": 86, "gradients": 1}},
+        ...                    xlabel="MiB")
+    """
+    names = list(rows)
+    parts = list(parts or rows[names[0]])
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.4))
+    left = np.zeros(len(names))
+    for part in parts:
+        width = np.array([scale * rows[n].get(part, 0) for n in names], dtype=float)
+        ax.barh(names, width, left=left, label=part)
+        left += width
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:,.0f}", va="center", fontsize=8)
+    ax.invert_yaxis(); ax.set_xlabel(xlabel); ax.grid(alpha=0.3, axis="x")
+    ax.set_xlim(0, 1.12 * left.max() if left.max() > 0 else 1)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def pretrain_finetune_diagram(title="Pretraining, then fine-tuning"):
     """The course's one idea as a picture: pretrain on cheap unlabelled data, fine-tune on few labels.
 

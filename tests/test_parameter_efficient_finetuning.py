@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from ptcourse.chapters.parameter_efficient_finetuning import (
     SentenceClassifier, encode, format_parameter_table, linear_cka, lora_update_norm, mean_cosine, mean_pool,
     optimizer_state_bytes, parameter_group, parameter_table, saved_bytes, train_head, trainable_parameters,
-    trainable_state_dict, training_steps)
+    trainable_state_dict, training_memory, training_steps)
 from ptcourse.checks.parameter_efficient_finetuning import (
     ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
-    reference_zero_shot, tiny_bert_classifier)
+    reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory)
 
 
 # ----------------------------------------------------------------------------- library
@@ -313,3 +313,110 @@ def test_check_lora_search():
     cheat = [dict(x, test_acc=0.8) for x in t]
     assert not check_lora_search(cheat, cheat[2], 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)
     assert not check_lora_search(t, dict(t[2], val_acc=0.9), 0.81, max_gap=0.02, max_fraction=0.01, quiet=True)
+
+
+# ----------------------------------------------------------------------------- memory by part
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.lin2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(x)))
+
+
+def _sum_loss(out, labels):
+    return out.sum()            # its backward saves no tensor
+
+
+def test_training_memory_by_hand_on_two_linear_layers():
+    b = 5
+    batch = {"x": torch.randn(b, 4), "labels": torch.zeros(b, dtype=torch.long)}
+    n_params = 4 * 8 + 8 + 8 * 2 + 2
+    parts = training_memory(_TwoLayers(), batch, loss_fn=_sum_loss)
+    assert parts["weights"] == parts["gradients"] == 4 * n_params
+    assert parts["optimizer"] == 2 * 4 * n_params
+    # saved for backward: lin1 keeps x [b, 4]; ReLU keeps its output [b, 8], which lin2 keeps as its input:
+    # one storage, counted once. The weights are saved too, but they are parameters (counted as weights).
+    assert parts["activations"] == parts["activations_after_forward"] == 4 * b * (4 + 8)
+    frozen = _TwoLayers()
+    frozen.lin1.requires_grad_(False)          # no gradient for lin1's weight: x need not be kept
+    parts = training_memory(frozen, batch, loss_fn=_sum_loss)
+    assert parts["activations"] == 4 * b * 8
+    assert parts["gradients"] == 4 * (8 * 2 + 2) and parts["weights"] == 4 * n_params
+
+
+def test_training_memory_of_lora_follows_the_trainable_parameters():
+    from peft import LoraConfig, get_peft_model
+    model = tiny_bert_classifier(seed=0)
+    model.encoder = get_peft_model(model.encoder, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                             lora_dropout=0.0))
+    trainable, total = trainable_parameters(model)
+    ids = torch.randint(1, 50, (3, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1])}
+    parts = training_memory(model, batch)
+    assert parts["gradients"] == 4 * trainable < parts["weights"] == 4 * total
+    assert parts["optimizer"] == 8 * trainable
+    assert parts["activations"] > 0
+    assert reference_static_memory(model) == {k: parts[k] for k in ("weights", "gradients", "optimizer")}
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_is_switched_off_again():
+    ids = torch.randint(1, 50, (4, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+    plain = training_memory(tiny_bert_classifier(seed=0), batch)
+    model = tiny_bert_classifier(seed=0)
+    ckpt = training_memory(model, batch, gradient_checkpointing=True)
+    assert ckpt["activations_after_forward"] < plain["activations_after_forward"] / 2
+    assert ckpt["activations"] < plain["activations"]
+    assert {k: ckpt[k] for k in ("weights", "gradients", "optimizer")} == \
+        {k: plain[k] for k in ("weights", "gradients", "optimizer")}
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    # the step trained the same model: the same gradients with and without recomputation
+    a, b = tiny_bert_classifier(seed=0), tiny_bert_classifier(seed=0)
+    torch.manual_seed(1)            # the same dropout masks (checkpointing replays the RNG state)
+    training_memory(a, batch, lr=1e-2)
+    torch.manual_seed(1)
+    training_memory(b, batch, lr=1e-2, gradient_checkpointing=True)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def _counts_every_gradient(model):
+    return {**reference_static_memory(model), "gradients": reference_static_memory(model)["weights"]}
+
+
+def _one_moment(model):
+    ref = reference_static_memory(model)
+    return {**ref, "optimizer": ref["gradients"]}
+
+
+def _counts_trainable_weights_only(model):
+    ref = reference_static_memory(model)
+    return {**ref, "weights": ref["gradients"]}
+
+
+def test_check_static_memory():
+    assert check_static_memory(reference_static_memory, quiet=True)
+    for wrong in (_counts_every_gradient, _one_moment, _counts_trainable_weights_only, lambda m: None):
+        assert not check_static_memory(wrong, quiet=True), wrong
+    assert "gradients" in check_static_memory(_counts_every_gradient, quiet=True).message
+
+    def stub(model):
+        raise NotImplementedError("write predict_memory")
+    with pytest.raises(NotImplementedError):
+        check_static_memory(stub, quiet=True)
+
+
+def test_stacked_bars_stack_the_parts_in_order():
+    import matplotlib
+    matplotlib.use("Agg")
+    from ptcourse import plots
+    rows = {"full": {"weights": 4, "gradients": 4, "optimizer": 8}, "LoRA": {"weights": 4, "optimizer": 1}}
+    fig = plots.stacked_bars(rows, parts=["weights", "gradients", "optimizer"], scale=0.5)
+    ax = fig.axes[0]
+    optimizer = ax.containers[2]
+    assert [b.get_x() for b in optimizer] == [4.0, 2.0]            # starts where weights + gradients end
+    assert [b.get_width() for b in optimizer] == [4.0, 0.5]
+    assert [t.get_text().strip() for t in ax.texts] == ["8", "2"]  # the totals, scaled

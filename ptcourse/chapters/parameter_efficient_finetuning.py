@@ -15,11 +15,19 @@ and the pieces of its training protocol: the number of optimizer steps at a labe
 (:func:`training_steps`), a linear head trained alone on frozen sentence vectors to choose the
 head's own learning rate (:func:`train_head`), and the size of a LoRA model's scaled update
 (:func:`lora_update_norm`), which shows how the rank and the scaling rule set that size.
+
+And what one training step holds in memory, part by part (:func:`training_memory`): weights,
+gradients, optimizer state and the activations saved for the backward pass, with or without
+gradient checkpointing::
+
+    >>> training_memory(model, batch, gradient_checkpointing=True)
+    {'weights': ..., 'gradients': ..., 'optimizer': ..., 'activations': ..., 'activations_after_forward': ...}
 """
 from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import torch
 import torch.nn as nn
@@ -329,3 +337,114 @@ def lora_update_norm(model: nn.Module) -> float:
     if not sizes:
         raise ValueError("lora_update_norm: the model has no LoRA layer.")
     return sum(sizes) / len(sizes)
+
+
+# ----------------------------------------------------------------------------- memory, part by part
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
+
+
+class _SavedTensorMeter:
+    """Live and peak bytes of the tensors autograd saves for backward (one count per storage).
+
+    Used as ``torch.autograd.graph.saved_tensors_hooks``: ``pack`` sees every tensor an operation
+    keeps for its backward; a finaliser on it says when autograd let it go. Storages in ``skip``
+    (the parameters: they are counted as weights) are not counted.
+    """
+
+    def __init__(self, skip: set[int]):
+        self.skip, self.live, self.peak, self.count = skip, 0, 0, {}
+
+    def _release(self, key: int) -> None:
+        self.count[key][0] -= 1
+        if self.count[key][0] == 0:
+            self.live -= self.count.pop(key)[1]
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.skip or storage.nbytes() == 0:
+            return t
+        if key not in self.count:
+            self.count[key] = [0, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.count[key][0] += 1
+        weakref.finalize(t, self._release, key)
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def training_memory(model: nn.Module, batch: dict, *, loss_fn=F.cross_entropy, lr: float = 1e-3,
+                    gradient_checkpointing: bool = False) -> dict[str, int]:
+    """Bytes held by one training step of ``model`` on ``batch``, by part, measured on any device.
+
+    One forward pass, ``loss_fn(model(**batch), batch["labels"]).backward()`` and one AdamW step over
+    the trainable parameters. The model is changed (it takes that step): measure a fresh copy.
+
+    * ``weights``: every parameter (each shared tensor once), trainable or frozen;
+    * ``gradients``: the ``.grad`` tensors after backward, one per trainable parameter;
+    * ``optimizer``: ``optimizer.state`` after the step (AdamW: two moments per trainable parameter);
+    * ``activations``: the peak, over forward and backward, of the tensors autograd saved for the
+      backward pass (counted once per storage, parameters excluded), measured exactly with
+      ``torch.autograd.graph.saved_tensors_hooks``; ``activations_after_forward`` is what was held
+      when the forward pass ended.
+
+    ``gradient_checkpointing=True`` turns on the Hugging Face model's checkpointing inside ``model``
+    (the reentrant variant, whose recomputation the hooks can see; the other variant keeps the
+    same tensors) for this step and off again: each layer then keeps only its input, and
+    recomputes the rest during backward, one layer at a time.
+
+    Not counted: the allocator's temporaries that live inside one operation, and PyTorch's own
+    workspace; on a GPU ``torch.cuda.max_memory_allocated`` sees those too.
+
+    Example:
+        >>> model = SentenceClassifier(copy.deepcopy(encoder))
+        >>> parts = training_memory(model, pad_collate([train[i] for i in range(16)]))
+        >>> {k: v / 2**20 for k, v in parts.items()}          # MiB
+    """
+    from transformers import PreTrainedModel
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if gradient_checkpointing:
+        if hf is None:
+            raise ValueError("training_memory: gradient checkpointing needs a Hugging Face model inside `model`.")
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    was_training = model.training
+    model.train()
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    meter = _SavedTensorMeter({p.untyped_storage().data_ptr() for p in params})
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+            loss = loss_fn(logits, batch["labels"])
+            after_forward = meter.live
+            loss.backward()
+            del loss, logits
+        gradients = _tensor_bytes(p.grad for p in params)
+        optimizer.step()
+        parts = {"weights": _tensor_bytes(params), "gradients": gradients,
+                 "optimizer": optimizer_state_bytes(optimizer), "activations": meter.peak,
+                 "activations_after_forward": after_forward}
+    finally:
+        if gradient_checkpointing:
+            hf.activation_checkpointing_disable()
+            if hasattr(hf, "_require_grads_hook"):
+                hf.disable_input_require_grads()
+        model.train(was_training)
+    return parts

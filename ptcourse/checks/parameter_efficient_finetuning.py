@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import CheckResult, _describe, compare, result
-from ..chapters.parameter_efficient_finetuning import SentenceClassifier, parameter_group
+from ..chapters.parameter_efficient_finetuning import SentenceClassifier, parameter_group, training_memory
 
 __all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
-           "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier"]
+           "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier",
+           "reference_static_memory", "check_static_memory"]
 
 
 _result = result
@@ -291,3 +292,64 @@ def check_lora_search(trials, chosen, full_val_acc: float, *, max_gap: float, ma
     return _result(name, True, f"r={chosen['r']}, lr={chosen['lr']:g} chosen on validation from {len(trials)} trials: "
                                f"{chosen['val_acc']:.3f}, {_behind(gap)} full fine-tuning with "
                                f"{chosen['trainable_fraction']:.2%} of the parameters trainable." + test, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- memory by part
+def reference_static_memory(model: nn.Module) -> dict[str, int]:
+    """What training ``model`` with AdamW holds besides activations, from its parameters alone.
+
+    ``weights``: every parameter; ``gradients``: one ``.grad`` per trainable parameter;
+    ``optimizer``: AdamW's two moments (``exp_avg``, ``exp_avg_sq``) per trainable parameter, in the
+    parameter's dtype. Bytes; each shared tensor counted once.
+    """
+    params = list({id(p): p for p in model.parameters()}.values())
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    trainable = [p for p in params if p.requires_grad]
+    return {"weights": nbytes(params), "gradients": nbytes(trainable), "optimizer": 2 * nbytes(trainable)}
+
+
+def _memory_models():
+    """Small models with different trainable parts: (description, model, a batch)."""
+    from peft import LoraConfig, get_peft_model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (4, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    full = tiny_bert_classifier(seed=1)
+    bitfit = reference_bitfit(tiny_bert_classifier(seed=2))
+    lora = tiny_bert_classifier(seed=3)
+    lora.encoder = get_peft_model(lora.encoder, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                           lora_dropout=0.0))
+    head_only = tiny_bert_classifier(seed=4)
+    head_only.encoder.requires_grad_(False)
+    return [("full fine-tuning", full, batch), ("BitFit", bitfit, batch), ("LoRA (peft, query and value)", lora, batch),
+            ("head only", head_only, batch)]
+
+
+def check_static_memory(predict_fn, quiet=False) -> CheckResult:
+    """``predict_fn(model) -> {"weights", "gradients", "optimizer"}`` in bytes, before any training.
+
+    Each prediction is compared with what one AdamW training step really holds
+    (:func:`~ptcourse.chapters.parameter_efficient_finetuning.training_memory`) on four small BERT
+    classifiers: fully trainable, BitFit, LoRA on query and value, head only.
+    """
+    name = "check_static_memory"
+    hint = ("weights: numel() * element_size() of EVERY parameter; gradients: the same for the parameters with "
+            "requires_grad only; optimizer: AdamW keeps two tensors (exp_avg, exp_avg_sq) of each trainable "
+            "parameter's size.")
+    for title, model, batch in _memory_models():
+        try:
+            got = predict_fn(copy.deepcopy(model))
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        if not isinstance(got, dict) or not {"weights", "gradients", "optimizer"} <= set(got):
+            return _result(name, False, f"returned {_describe(got)}; expected a dict with the keys 'weights', "
+                                        "'gradients' and 'optimizer'.", hint, quiet)
+        measured = training_memory(copy.deepcopy(model), batch)
+        wrong = [f"{part}: predicted {int(got[part]):,} bytes, measured {measured[part]:,}"
+                 for part in ("weights", "gradients", "optimizer") if int(got[part]) != measured[part]]
+        if wrong:
+            return _result(name, False, f"on {title}, " + "; ".join(wrong) + ".", hint, quiet)
+    return _result(name, True, "weights, gradients and AdamW state predicted to the byte on 4 models "
+                               "(full, BitFit, LoRA, head only).", quiet=quiet)
