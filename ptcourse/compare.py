@@ -72,7 +72,8 @@ class Search:
 
 
 def search(name: str, grid: Sequence, score: Callable, *, maximize: bool = True, extend: str | Callable | None = None,
-           max_extend: int = 2, edge_reason: str | None = None, trials_per_value: int = 1) -> Search:
+           max_extend: int = 2, edge_reason: str | None = None, bound_reason: str | None = None,
+           trials_per_value: int = 1) -> Search:
     """Try every value of ``grid`` with ``score(value) -> validation score`` and choose the best.
 
     Args:
@@ -88,6 +89,10 @@ def search(name: str, grid: Sequence, score: Callable, *, maximize: bool = True,
         max_extend: at most this many values are added.
         edge_reason: why a choice left at an edge is acceptable (e.g. "the chapter's time budget",
             "a temperature below 0.1 is unstable"); recorded in ``edge``.
+        bound_reason: why a choice at an end of the value's **range** (not of the budget) stays there:
+            used instead of ``edge_reason`` when ``extend`` is a function that returns ``None`` for that
+            side (nothing lies beyond it, e.g. a weight at 1), whether or not ``max_extend`` was spent.
+            Default: the function's own ``bound_reason`` attribute, else "the end of the value's range".
         trials_per_value: trainings behind each score (seeds averaged), counted in ``trials``.
 
     Returns:
@@ -100,6 +105,9 @@ def search(name: str, grid: Sequence, score: Callable, *, maximize: bool = True,
         >>> s = search("C", [1.0, 10.0], lambda c: 1 / c, extend="geometric", max_extend=1)
         >>> s.grid, s.edge is not None
         ([0.1, 1.0, 10.0], True)
+        >>> up_to_one = lambda grid, side: None if side == "high" and grid[-1] >= 1 else round(grid[-1] + 0.1, 6)
+        >>> search("alpha", [0.8, 0.9, 1.0], lambda a: a, extend=up_to_one, edge_reason="the time budget").edge
+        "highest value of the grid: the end of the value's range: nothing lies beyond it"
     """
     grid = list(grid)
     if not grid:
@@ -123,8 +131,12 @@ def search(name: str, grid: Sequence, score: Callable, *, maximize: bool = True,
     result = Search(name, grid, scores, maximize=maximize, trials_per_value=trials_per_value, extended=added)
     if result.at_edge:
         side = "lowest" if result.index == 0 else "highest"
-        why = edge_reason or ("the grid was not extended" if extend is None else
-                              f"still there after extending the grid by {added} value{'s' * (added != 1)}")
+        if callable(extend) and extend(list(grid), "low" if result.index == 0 else "high") is None:
+            why = bound_reason or getattr(extend, "bound_reason", None) or \
+                "the end of the value's range: nothing lies beyond it"
+        else:
+            why = edge_reason or ("the grid was not extended" if extend is None else
+                                  f"still there after extending the grid by {added} value{'s' * (added != 1)}")
         result.edge = f"{side} value of the grid: {why}"
     return result
 

@@ -41,6 +41,20 @@ def test_the_grid_is_extended_until_the_optimum_is_inside():
     assert s.grid == [1, 2, 4, 8] and s.chosen == 2 and s.edge is None
 
 
+def test_a_choice_at_a_natural_bound_records_the_bound_not_the_budget():
+    weight = lambda grid, side: (None if grid[0] <= 0 else max(0.0, grid[0] - 0.25)) if side == "low" else \
+        (None if grid[-1] >= 1 else min(1.0, grid[-1] + 0.25))
+    for grid, max_extend in (([0.5, 0.75, 1.0], 2), ([0.5, 0.75, 1.0], 0), ([0.25, 0.5, 0.75], 2)):
+        s = compare.search("alpha", grid, lambda a: a, extend=weight, max_extend=max_extend,
+                           edge_reason="the chapter's time budget")
+        assert s.chosen == 1.0 and s.edge == "highest value of the grid: the end of the value's range: nothing lies beyond it"
+    s = compare.search("alpha", [0.0, 0.5, 1.0], lambda a: -a, extend=weight, bound_reason="a weight is at least 0")
+    assert s.chosen == 0.0 and s.edge == "lowest value of the grid: a weight is at least 0"
+    # the budget, not a bound: the rule could go on, max_extend stopped it
+    s = compare.search("alpha", [0.25, 0.5], lambda a: a, extend=weight, max_extend=1, edge_reason="the time budget")
+    assert s.grid == [0.25, 0.5, 0.75] and s.edge == "highest value of the grid: the time budget"
+
+
 def test_search_refuses_what_it_cannot_rank():
     with pytest.raises(ValueError, match="empty"):
         compare.search("lr", [], lambda v: 0)

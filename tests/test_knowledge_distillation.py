@@ -393,6 +393,22 @@ def test_search_axes_extends_each_axis_by_its_own_rule_and_flags_what_stays_at_a
     assert chosen == {"T": 0.5, "alpha": 1.0}
 
 
+def test_a_choice_at_the_end_of_alphas_range_records_the_range_not_the_budget():
+    score = lambda T, alpha: -abs(T - 0.1) + alpha            # T best below the grid, alpha best at 1
+    budget = "at most 1 value(s) added beyond an edge: the cpu profile's time budget"
+    for alphas in ([0.5, 0.7, 0.9], [0.7, 0.9, 1.0]):         # 1.0 reached by extending, or in the grid
+        for max_extend in (0, 1, 2):                           # also when no extension is allowed (smoke)
+            _, (t, a) = compress.search_axes("kd", {"T": [1.0, 2.0, 4.0], "alpha": alphas}, score,
+                                             start={"T": 4.0, "alpha": 0.9}, max_extend=max_extend, edge_reason=budget,
+                                             extend={"T": "geometric", "alpha": compress.extend_fraction})
+            if a.grid[-1] != 1.0:      # [0.5, 0.7, 0.9] without extension: 0.9 is a budget edge
+                assert max_extend == 0 and a.edge.endswith(budget)
+                continue
+            assert a.chosen == 1.0 and "range [0, 1]" in a.edge and "budget" not in a.edge, a.edge
+            assert t.chosen == t.grid[0] and t.edge.endswith(budget)    # T has no natural bound: the budget
+            assert a.to_dict()["edge"] == a.edge
+
+
 def test_search_axes_needs_a_start_value_for_every_axis():
     with pytest.raises(ValueError, match="no start value"):
         compress.search_axes("x", {"lr": [1, 2]}, lambda lr: lr, start={})

@@ -56,7 +56,9 @@ def search_axes(name: str, axes: dict, score, start: dict, *, extend: dict | Non
         start: a value for every axis, used until that axis has been searched.
         extend: ``{axis: rule}``, the ``extend`` of that axis's search (``"geometric"``, a function, ...);
             an axis not named is not extended.
-        **search_kw: passed on to every search (``max_extend``, ``edge_reason``, ``trials_per_value``).
+        **search_kw: passed on to every search (``max_extend``, ``edge_reason``, ``bound_reason``,
+            ``trials_per_value``). A choice at an end of an axis's range (its ``extend`` rule returns
+            ``None`` there, as :func:`extend_fraction` does at 0 and 1) records that, not ``edge_reason``.
 
     Returns:
         ``(chosen setting, [Search, ...])`` in the order of ``axes``.
@@ -97,13 +99,17 @@ def extend_fraction(grid: list, side: str) -> float | None:
     Example:
         >>> extend_fraction([0.5, 0.7, 0.9], "high"), extend_fraction([0.5, 0.7, 0.9], "low")
         (1.0, 0.3)
-        >>> extend_fraction([0.6, 0.8, 1.0], "high") is None
+        >>> extend_fraction([0.6, 0.8, 1.0], "high") is None     # a choice of 1.0 stays: the end of the range
         True
     """
     a, b = (grid[0], grid[1]) if side == "low" else (grid[-1], grid[-2])
     if a in (0.0, 1.0):
         return None
     return round(min(1.0, max(0.0, a + (a - b))), 6)
+
+
+# the edge reason compare.search records for a choice at 0 or 1: the end of the range, not of the budget
+extend_fraction.bound_reason = "the end of a weight's range [0, 1]: there is nothing beyond it"
 
 
 # --------------------------------------------------------------------------- the saved teacher
