@@ -284,7 +284,8 @@ def test_checks_let_unfinished_stubs_through():
     def stub(*args):
         raise NotImplementedError("Exercise 1: ...")
 
-    for check in (checks.check_replace_head_and_freeze, checks.check_discriminative_groups, checks.check_gradcam):
+    for check in (checks.check_replace_head_and_freeze, checks.check_discriminative_groups, checks.check_gradcam,
+                  checks.check_reestimate_batchnorm):
         with pytest.raises(NotImplementedError):
             check(stub, quiet=True)
     assert copy.deepcopy(checks.two_squares()[2]).shape == (1, 3, 16, 16)
@@ -455,9 +456,6 @@ def test_run_if_cell_magic_runs_or_skips_visibly(capsys):
         def transform_cell(self, cell):
             return cell
 
-        def ex(self, code):
-            exec(code, self.user_ns)
-
     shell = Shell()
     assert T.run_if("IMAGENET", "ran = 1", shell) is False and shell.user_ns["ran"] == 0
     assert "skipped: IMAGENET is False" in capsys.readouterr().out
@@ -480,3 +478,5 @@ def test_run_if_magic_in_ipython(capsys):
     ip.user_ns["FLAG"] = True
     ip.run_cell_magic("run_if", "FLAG", "hits += 1")
     assert ip.user_ns["hits"] == 1
+    with pytest.raises(NameError, match="not_defined"):               # errors reach the notebook
+        ip.run_cell_magic("run_if", "FLAG", "hits += 1\nnot_defined")

@@ -370,7 +370,10 @@ def run_if(line: str, cell: str, shell) -> bool:
     if not eval(flag, shell.user_ns):  # noqa: S307 - an expression the notebook's author wrote
         print(f"(skipped: {flag} is False)")
         return False
-    shell.ex(shell.transform_cell(cell))
+    code = shell.transform_cell(cell)                  # IPython syntax (%magics) inside the cell still works
+    cache = getattr(getattr(shell, "compile", None), "cache", None)
+    filename = cache(code) if cache else "<run_if cell>"   # IPython keeps the source so tracebacks show it
+    exec(compile(code, filename, "exec"), shell.user_ns)  # noqa: S102 - the notebook's own cell
     return True
 
 
