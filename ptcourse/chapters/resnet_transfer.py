@@ -309,7 +309,7 @@ def pretrain(net: nn.Module, prep: nn.Module, images, labels, val_images, val_la
     from torchvision.transforms import v2
 
     from ..data import ImageDataset
-    from ..loop import evaluate, fit  # noqa: F401
+    from ..loop import fit
     from ..metrics import accuracy
     from ..runtime import seed_everything
 
