@@ -199,6 +199,36 @@ def bars(values: dict, ylabel="", title=None, errors: dict | None = None):
     return fig
 
 
+def grouped_bars(values: dict, ylabel="", title=None, chance=None):
+    """Bars grouped along x, one colour per series: ``{group: {series: [score per seed]}}``, each bar the mean
+    with the sample standard deviation (ddof=1) as its error bar and the seeds as dots; ``chance`` draws a
+    dashed line. Example:
+        >>> grouped_bars({"probe": {"near": [0.5, 0.6], "none": [0.3, 0.4]}}, ylabel="test accuracy")
+    """
+    groups = list(values)
+    series = list(dict.fromkeys(k for g in groups for k in values[g]))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(groups) * len(series) / 2 + 2), 3.4))
+    cmap = plt.get_cmap("tab10")
+    for j, name in enumerate(series):
+        xs = np.arange(len(groups)) + (j - (len(series) - 1) / 2) * width
+        scores = [np.asarray(values[g].get(name, [np.nan]), dtype=float) for g in groups]
+        mean = [a.mean() for a in scores]
+        std = [a.std(ddof=1) if a.size > 1 else 0.0 for a in scores]
+        ax.bar(xs, mean, width * 0.9, yerr=std, capsize=3, color=cmap(j), alpha=0.8, label=name)
+        for x, a in zip(xs, scores):
+            ax.plot(np.full(a.size, x), a, "k.", ms=3)
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel); ax.grid(alpha=0.3, axis="y"); ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def stacked_bars(rows: dict, parts=None, xlabel="", title=None, scale=1.0):
     """Horizontal stacked bars: one bar per row name, one coloured segment per part.
 

@@ -284,7 +284,8 @@ def test_checks_let_unfinished_stubs_through():
     def stub(*args):
         raise NotImplementedError("Exercise 1: ...")
 
-    for check in (checks.check_replace_head_and_freeze, checks.check_discriminative_groups, checks.check_gradcam):
+    for check in (checks.check_replace_head_and_freeze, checks.check_discriminative_groups, checks.check_gradcam,
+                  checks.check_reestimate_batchnorm):
         with pytest.raises(NotImplementedError):
             check(stub, quiet=True)
     assert copy.deepcopy(checks.two_squares()[2]).shape == (1, 3, 16, 16)
@@ -332,3 +333,150 @@ def test_transfer_lab_and_check_experiment():
     # a "fine-tuned" model that is the scratch model itself cannot beat scratch
     copies = [trials[0]] + [{"model": scratch, "schedule": f"fake {k}", "val_acc": trials[0]["val_acc"]} for k in range(3)]
     assert not checks.check_experiment(lab, copies, 1, quiet=True)
+
+
+# ----------------------------------------------------------------------------- sources the chapter pretrains itself
+TARGET, NEAR = (3, 4, 5, 6, 7), (0, 1, 2, 8, 9)
+
+
+def test_take_classes_relabels_in_the_given_order_and_keeps_positions():
+    labels = torch.tensor([9, 3, 7, 3, 0, 7])
+    images = torch.arange(6).view(6, 1, 1, 1)
+    x, y, pos = T.take_classes(images, labels, (7, 3))
+    assert pos.tolist() == [1, 2, 3, 5] and y.tolist() == [1, 0, 1, 0]
+    assert x.flatten().tolist() == pos.tolist()
+
+
+def test_source_and_target_share_no_image_and_no_class():
+    """The chapter's class split of one CIFAR-10-like array: disjoint positions, disjoint classes, all kept."""
+    labels = torch.arange(200) % 10
+    images = torch.arange(200).view(200, 1, 1, 1)
+    xs, ys, ps = T.take_classes(images, labels, NEAR)
+    xt, yt, pt = T.take_classes(images, labels, TARGET)
+    assert not set(ps.tolist()) & set(pt.tolist())
+    assert not set(labels[ps].tolist()) & set(labels[pt].tolist())
+    assert len(ps) + len(pt) == len(labels) and ys.unique().tolist() == yt.unique().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_split_per_class_draws_disjoint_balanced_parts_by_seed():
+    labels = torch.arange(100) % 5
+    a, b = T.split_per_class(labels, 3, seed=1)
+    assert set(a.tolist()).isdisjoint(b.tolist()) and len(a) + len(b) == 100
+    assert torch.bincount(labels[a]).tolist() == [3] * 5
+    assert torch.equal(a, T.split_per_class(labels, 3, seed=1)[0])
+    assert not torch.equal(a, T.split_per_class(labels, 3, seed=2)[0])
+
+
+def test_gray_to_rgb_copies_the_channel_at_the_new_size():
+    g = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    rgb = T.gray_to_rgb(g, 32)
+    assert rgb.shape == (4, 3, 32, 32) and rgb.dtype == torch.uint8
+    assert torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 1], rgb[:, 2])
+    assert torch.equal(T.gray_to_rgb(g.unsqueeze(1), 28)[:, 0], g)          # no resize: the same pixels
+    with pytest.raises(ValueError):
+        T.gray_to_rgb(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), 32)
+
+
+def test_far_source_has_the_near_sources_size_and_shape():
+    """Sampled as the chapter does: the same number of images per class, the same number of classes, 32 px RGB."""
+    cifar_labels = torch.arange(400) % 10
+    cifar = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)
+    mnist_labels = torch.arange(300) % 10
+    mnist = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    xn, yn, _ = T.take_classes(cifar, cifar_labels, NEAR)
+    xf, yf, _ = T.take_classes(mnist, mnist_labels, (0, 1, 2, 3, 4))
+    xf = T.gray_to_rgb(xf, 32)
+    near, far = T.split_per_class(yn, 12)[0], T.split_per_class(yf, 12)[0]
+    assert len(near) == len(far) == 60 and xn[near].shape == xf[far].shape
+    assert torch.bincount(yn[near]).tolist() == torch.bincount(yf[far]).tolist()
+
+
+def test_pretrain_learns_a_separable_source_task():
+    """Two classes told apart by brightness: after a few epochs the source validation accuracy is high."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (torch.rand(64, 3, 16, 16, generator=g) * 80 + 40 + 120 * y.view(-1, 1, 1, 1)).to(torch.uint8)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2))
+    prep = T.Preprocess(16, [0.5] * 3, [0.25] * 3)
+    history = T.pretrain(net, prep, x[:48], y[:48], x[48:], y[48:], epochs=4, lr=0.05, batch=16)
+    assert len(history["val_acc"]) == 4 and history["val_acc"][-1] >= 0.9, history["val_acc"]
+
+
+def test_reestimate_batchnorm_holds_the_new_images_statistics():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.rand(32, 3, 6, 6) * 4 + 2
+    weights = [p.detach().clone() for p in net.parameters()]
+    T.reestimate_batchnorm(net, x, batch=32)
+    inputs = net[0](x).detach()
+    bn = net[1]
+    assert torch.allclose(bn.running_mean, inputs.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, inputs.transpose(0, 1).reshape(4, -1).var(1), atol=1e-4)
+    assert not net.training and bn.momentum == 0.1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, net.parameters()))
+
+
+def test_check_reestimate_batchnorm():
+    assert checks.check_reestimate_batchnorm(T.reestimate_batchnorm, quiet=True)
+
+    def exponential(model, images, batch):                  # forgets momentum=None: mixes in the old statistics
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                model(images[i:i + batch])
+        return model.eval()
+
+    def left_in_train(model, images, batch):
+        T.reestimate_batchnorm(model, images, batch)
+        return model.train()
+
+    def momentum_lost(model, images, batch):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                model(images[i:i + batch])
+        return model.eval()
+
+    for wrong in (exponential, left_in_train, momentum_lost):
+        assert not checks.check_reestimate_batchnorm(wrong, quiet=True), wrong.__name__
+
+
+def test_run_if_cell_magic_runs_or_skips_visibly(capsys):
+    """The ``%%run_if`` magic: a true flag runs the cell in the notebook's namespace (errors propagate), a false
+    one prints which flag skipped it and runs nothing."""
+    class Shell:
+        def __init__(self):
+            self.user_ns = {"IMAGENET": False, "ran": 0}
+
+        def transform_cell(self, cell):
+            return cell
+
+    shell = Shell()
+    assert T.run_if("IMAGENET", "ran = 1", shell) is False and shell.user_ns["ran"] == 0
+    assert "skipped: IMAGENET is False" in capsys.readouterr().out
+    shell.user_ns["IMAGENET"] = True
+    assert T.run_if("IMAGENET", "ran = 1", shell) is True and shell.user_ns["ran"] == 1
+    with pytest.raises(ZeroDivisionError):
+        T.run_if("IMAGENET", "1 / 0", shell)
+    with pytest.raises(ValueError):
+        T.run_if("  ", "ran = 2", shell)
+
+
+def test_run_if_magic_in_ipython(capsys):
+    from IPython.testing.globalipapp import get_ipython
+
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "ptcourse.chapters.resnet_transfer")
+    ip.user_ns.update(FLAG=False, hits=0)
+    ip.run_cell_magic("run_if", "FLAG", "hits += 1")
+    assert ip.user_ns["hits"] == 0 and "skipped: FLAG is False" in capsys.readouterr().out
+    ip.user_ns["FLAG"] = True
+    ip.run_cell_magic("run_if", "FLAG", "hits += 1")
+    assert ip.user_ns["hits"] == 1
+    with pytest.raises(NameError, match="not_defined"):               # errors reach the notebook
+        ip.run_cell_magic("run_if", "FLAG", "hits += 1\nnot_defined")

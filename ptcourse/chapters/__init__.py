@@ -7,7 +7,8 @@ notebook                            helpers (``ptcourse.chapters.<name>``)
 ``02_contrastive_learning``         batched per-image augmentation, SimCLR views, a CIFAR ResNet
 ``03_bert_finetuning``              tokenised datasets, dynamic-padding collate, length-grouped batches,
                                     MLM masking, the TF-IDF + logistic-regression baseline
-``04_resnet_transfer``              ImageNet weights, partial freezing, discriminative LRs, Grad-CAM
+``04_resnet_transfer``              ImageNet weights, partial freezing, discriminative LRs, Grad-CAM,
+                                    class-split sources, pretraining, BatchNorm re-estimation, ``%%run_if``
 ``05_knowledge_distillation``       per-image random translation, size and latency, int8 quantization by hand
 ``06_language_model_pretraining``   the pretraining corpus without evaluation leaks, a split by source sentence
 ``07_parameter_efficient_finetuning``  parameter groups, optimizer-state memory, saved size, representation drift

@@ -1,5 +1,6 @@
-"""Checks for chapter 04 (ResNet transfer): head + freeze, discriminative LR groups, Grad-CAM, and the
-open-ended fine-tuning experiment (:class:`TransferLab`, :func:`check_experiment`)."""
+"""Checks for chapter 04 (ResNet transfer): head + freeze, discriminative LR groups, Grad-CAM, BatchNorm
+statistics re-estimated on the target, and the open-ended fine-tuning experiment (:class:`TransferLab`,
+:func:`check_experiment`)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ from torch import nn
 from ._common import CheckResult, SealedTestLab, compare, result, split_trials, train_on_tensors
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
-           "TransferLab", "check_experiment"]
+           "check_reestimate_batchnorm", "TransferLab", "check_experiment"]
 
 
 def _result(name, problem, ok_text, hint, quiet):
@@ -73,6 +74,71 @@ def check_replace_head_and_freeze(student_fn, quiet=False) -> CheckResult:
                        f"train mode and {len(moved)} changed their running statistics (e.g. {which})")
             break
     ok = "only the new head trains, and frozen BatchNorm stays in eval mode through model.train()."
+    return _result(name, problem, ok, hint, quiet)
+
+
+def _bn_net(seed):
+    """A small CNN with two BatchNorm layers whose running statistics are far from those of new images."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(5.0)
+                m.running_var.fill_(9.0)
+    return net.eval()
+
+
+def check_reestimate_batchnorm(student_fn, quiet=False) -> CheckResult:
+    """``student_fn(model, images, batch)`` must set every BatchNorm layer's running statistics to those of
+    ``images`` (an exact average over the batches, not an exponential one from the old statistics), change
+    no parameter, restore each layer's ``momentum`` and return the model in eval mode. The expected statistics
+    come from :func:`ptcourse.chapters.resnet_transfer.reestimate_batchnorm` on a copy of the same model."""
+    from ..chapters.resnet_transfer import reestimate_batchnorm
+
+    name = "check_reestimate_batchnorm"
+    hint = ("reset each BatchNorm layer's running statistics (m.reset_running_stats()) and set m.momentum = None "
+            "(a cumulative average); run the images through the model in train mode under torch.no_grad(), "
+            "batch by batch; then put every momentum back and call model.eval().")
+    problem = None
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 8, 8, generator=g) * 2 + 1        # far from the layers' old statistics
+    for batch in (40, 16):
+        net = _bn_net(batch)
+        params = {n: p.detach().clone() for n, p in net.named_parameters()}
+        reference = reestimate_batchnorm(copy.deepcopy(net), images, batch)
+        want = [(m.running_mean, m.running_var) for m in reference if isinstance(m, nn.BatchNorm2d)]
+        try:
+            out = student_fn(net, images.clone(), batch)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            problem = f"raised {type(err).__name__}: {err}"
+            break
+        model = out if isinstance(out, nn.Module) else net
+        norms = [m for m in net if isinstance(m, nn.BatchNorm2d)]
+        changed = [n for n, p in net.named_parameters() if not torch.equal(p.detach(), params[n])]
+        if changed:
+            problem = f"parameters changed ({changed[:3]}); only the running statistics may"
+        elif any(m.training for m in model.modules()):
+            problem = "the model is left in train mode; return it in eval mode, ready to extract features"
+        elif any(m.momentum != 0.1 for m in norms):
+            problem = f"momentum is {[m.momentum for m in norms]} afterwards; put each layer's momentum back (0.1 here)"
+        else:
+            for i, (m, (mean, var)) in enumerate(zip(norms, want)):
+                if not torch.allclose(m.running_mean, mean, atol=1e-4, rtol=1e-4):
+                    problem = (f"BatchNorm layer {i}: running_mean {m.running_mean[:3].tolist()} ..., expected the average "
+                               f"batch mean of its inputs over the {len(images)} images {mean[:3].tolist()} ... (batch {batch})")
+                elif not torch.allclose(m.running_var, var, atol=1e-3, rtol=1e-3):
+                    problem = (f"BatchNorm layer {i}: running_var {m.running_var[:3].tolist()} ..., expected the "
+                               f"average batch variance of its inputs over the {len(images)} images {var[:3].tolist()} ... (batch {batch})")
+                if problem:
+                    break
+        if problem:
+            break
+    ok = "every BatchNorm layer now holds the statistics of the new images, and nothing else changed."
     return _result(name, problem, ok, hint, quiet)
 
 
