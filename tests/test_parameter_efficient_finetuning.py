@@ -9,12 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptcourse.chapters.parameter_efficient_finetuning import (
-    SentenceClassifier, encode, format_parameter_table, linear_cka, lora_update_norm, mean_cosine, mean_pool,
-    optimizer_state_bytes, parameter_group, parameter_table, saved_bytes, train_head, trainable_parameters,
-    trainable_state_dict, training_memory, training_steps)
+    SentenceClassifier, add_ia3, add_prompt_tuning, encode, format_parameter_table, ia3_parameter_count, linear_cka,
+    lora_update_norm, mean_cosine, mean_pool, optimizer_state_bytes, parameter_group, parameter_table, prompt_tokens,
+    saved_bytes, train_head, trainable_parameters, trainable_state_dict, training_memory, training_steps)
+from ptcourse.chapters.bert_finetuning import pad_collate
 from ptcourse.checks.parameter_efficient_finetuning import (
     ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
-    reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory)
+    reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory, check_ia3_count)
 
 
 # ----------------------------------------------------------------------------- library
@@ -420,3 +421,77 @@ def test_stacked_bars_stack_the_parts_in_order():
     assert [b.get_x() for b in optimizer] == [4.0, 2.0]            # starts where weights + gradients end
     assert [b.get_width() for b in optimizer] == [4.0, 0.5]
     assert [t.get_text().strip() for t in ax.texts] == ["8", "2"]  # the totals, scaled
+
+
+# ----------------------------------------------------------------------------- IA3 and prompt tuning
+def _tiny_bert():
+    return tiny_bert_classifier(seed=0).encoder
+
+
+def test_ia3_starts_as_the_identity_and_trains_only_its_vectors():
+    """IA3's vectors start at 1: the wrapped encoder gives the pretrained outputs until it trains."""
+    encoder = _tiny_bert().eval()
+    ids = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        wrapped = add_ia3(copy.deepcopy(encoder)).eval()
+        after = wrapped(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(before, after)
+    names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert names and all(parameter_group(n) == "IA3" for n in names)
+    assert not any("attention.output" in n for n in names)          # the attention's own output projection is not adapted
+    assert trainable_parameters(wrapped)[0] == ia3_parameter_count(encoder.config)
+    with torch.no_grad():                                          # a changed vector changes the output
+        next(p for p in wrapped.parameters() if p.requires_grad).mul_(2.0)
+        assert not torch.allclose(wrapped(input_ids=ids, attention_mask=mask).last_hidden_state, after)
+
+
+def test_prompt_tuned_classifier_trains_only_the_prompt_and_head_and_pools_real_tokens():
+    """Prompt tuning: the gradient reaches only the virtual tokens and the head; pooling skips the prompt."""
+    encoder = _tiny_bert()
+    wrapped = add_prompt_tuning(copy.deepcopy(encoder), 3)
+    assert prompt_tokens(wrapped) == 3 and prompt_tokens(encoder) == 0
+    model = SentenceClassifier(wrapped, 2)
+    assert {parameter_group(n) for n, p in model.named_parameters() if p.requires_grad} == {"prompt", "head"}
+    assert trainable_parameters(model)[0] == 3 * 16 + 16 * 2 + 2
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    F.cross_entropy(model(ids, mask), torch.tensor([0, 1])).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(parameter_group(n) in ("prompt", "head") for n in grads)
+    assert all(float(g.abs().sum()) > 0 for g in grads.values())
+    # the vector is the mean over the sentence's own tokens: padding after them changes nothing
+    model.eval()
+    longer = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        assert torch.allclose(model.embed(ids, mask), model.embed(longer, (longer != 0).long()), atol=1e-5)
+        hidden = wrapped(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert hidden.shape[1] == 3 + ids.shape[1]
+        assert torch.allclose(model.embed(ids, mask), mean_pool(hidden[:, 3:], mask), atol=1e-6)
+        assert not torch.allclose(model.embed(ids, mask), mean_pool(hidden[:, :-3], mask), atol=1e-4)
+
+
+def test_encode_pools_a_prompt_tuned_encoder_like_the_classifier():
+    wrapped = add_prompt_tuning(_tiny_bert(), 2)
+    data = [{"input_ids": [1, 5, 6, 2]}, {"input_ids": [1, 7, 2]}]
+    z = encode(wrapped, data, batch_size=2)
+    batch = pad_collate([{**d, "label": 0} for d in data])
+    with torch.no_grad():
+        want = SentenceClassifier(wrapped, 2).eval().embed(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(z, want, atol=1e-6)
+
+
+def test_check_ia3_count():
+    assert check_ia3_count(ia3_parameter_count, quiet=True)
+    wrong = [lambda c: c.num_hidden_layers * 3 * c.hidden_size,                              # ff vector at width d
+             lambda c: c.num_hidden_layers * (3 * c.hidden_size + c.intermediate_size),     # + attention output
+             lambda c: 2 * c.hidden_size + c.intermediate_size,                             # one layer only
+             lambda c: float(ia3_parameter_count(c))]                                       # not an int
+    for fn in wrong:
+        assert not check_ia3_count(fn, quiet=True)
+
+    def stub(config):
+        raise NotImplementedError("write ia3_parameters")
+    with pytest.raises(NotImplementedError):
+        check_ia3_count(stub, quiet=True)

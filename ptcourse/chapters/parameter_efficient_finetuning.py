@@ -52,12 +52,41 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def prompt_tokens(encoder: nn.Module) -> int:
+    """How many virtual tokens a ``peft`` prompt-learning model puts in front of every sentence (else 0).
+
+    Example:
+        >>> prompt_tokens(get_peft_model(encoder, PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+        ...                                                         num_virtual_tokens=8)))
+        8
+    """
+    config = getattr(encoder, "active_peft_config", None)
+    return int(config.num_virtual_tokens) if config is not None and config.is_prompt_learning else 0
+
+
+def sentence_vectors(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled sentence vectors [B, d] of ``encoder`` over the sentence's own tokens.
+
+    A prompt-tuned encoder returns its virtual tokens' outputs first ([B, n_virtual + n, d]); they
+    are dropped before pooling, so the vector is the mean over the same real tokens as for every
+    other method, and the prompt acts only through attention.
+
+    Example:
+        >>> sentence_vectors(encoder, batch["input_ids"], batch["attention_mask"]).shape
+        torch.Size([16, 384])
+    """
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return mean_pool(hidden[:, hidden.shape[1] - attention_mask.shape[1]:], attention_mask)
+
+
 class SentenceClassifier(nn.Module):
     """``encoder`` (a Hugging Face encoder, e.g. ``BertModel``), mean pooling, a linear ``head``.
 
     ``forward(input_ids, attention_mask, labels=None)`` returns the logits, so ``ptcourse.fit``
     trains it with ``loss_fn=F.cross_entropy`` on the batches of ``pad_collate``. The encoder may
-    be wrapped by ``peft`` (LoRA) or partly frozen; the head is always a new ``nn.Linear``.
+    be wrapped by ``peft`` (LoRA, IA3, prompt tuning) or partly frozen; the head is always a new
+    ``nn.Linear``. Pooling is over the sentence's real tokens only (:func:`sentence_vectors`): a
+    prompt-tuned encoder's virtual tokens are not averaged in.
 
     Example:
         >>> model = SentenceClassifier(AutoModel.from_pretrained(name, add_pooling_layer=False), 2)
@@ -71,8 +100,7 @@ class SentenceClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
 
     def embed(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+        return sentence_vectors(self.encoder, input_ids, attention_mask)
 
     def forward(self, input_ids, attention_mask, labels=None, **_):
         return self.head(self.embed(input_ids, attention_mask))
@@ -83,7 +111,8 @@ def encode(encoder: nn.Module, dataset: Dataset, batch_size: int = 64, device=No
     """Mean-pooled sentence vectors [N, d] of a ``Tokenized`` dataset, in the dataset's order.
 
     Sentences are batched by length (little padding) and put back in order. ``encoder`` is a
-    Hugging Face encoder or a :class:`SentenceClassifier` (its encoder is used). Its train/eval
+    Hugging Face encoder (``peft``-wrapped or not) or a :class:`SentenceClassifier` (its encoder is
+    used); pooling is that of :func:`sentence_vectors`. Its train/eval
     mode is restored afterwards.
 
     Example:
@@ -101,30 +130,97 @@ def encode(encoder: nn.Module, dataset: Dataset, batch_size: int = 64, device=No
         idx = order[start:start + batch_size]
         batch = pad_collate([{"input_ids": dataset[int(i)]["input_ids"]} for i in idx])
         mask = batch["attention_mask"].to(device)
-        hidden = encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        out[idx] = mean_pool(hidden, mask).float().cpu()
+        out[idx] = sentence_vectors(encoder, batch["input_ids"].to(device), mask).float().cpu()
     encoder.train(was_training)
     return out
 
 
+# ----------------------------------------------------------------------------- IA3 and prompt tuning
+#: IA3's modules in a BERT-family encoder: the attention's key and value (their outputs are scaled)
+#: and each layer's second feed-forward matrix (its 4d-wide input, the activation after GELU, is
+#: scaled). ``layer.N.output.dense`` only: the attention's own ``attention.output.dense`` is not one.
+IA3_TARGETS = r".*\.(key|value)$|.*\.layer\.\d+\.output\.dense$"
+IA3_FEEDFORWARD = r".*\.layer\.\d+\.output\.dense$"
+
+
+def add_ia3(encoder: nn.Module) -> nn.Module:
+    """``encoder`` wrapped by ``peft``'s IA3 (Liu et al., 2022) on key, value and the feed-forward.
+
+    Three learned vectors per layer, all starting at 1 (so the model starts as the pretrained
+    one): ``l_k`` and ``l_v`` multiply the key and value projections' outputs elementwise,
+    ``l_ff`` multiplies the input of the second feed-forward matrix. Everything else is frozen.
+    ``encoder`` is changed in place: pass a copy.
+
+    Example:
+        >>> enc = add_ia3(copy.deepcopy(base))
+        >>> trainable_parameters(enc)[0]      # 6 layers x (384 + 384 + 1536)
+        13824
+    """
+    from peft import IA3Config, get_peft_model
+    return get_peft_model(encoder, IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD))
+
+
+def ia3_parameter_count(config) -> int:
+    """IA3's trainable parameters on a BERT config: ``layers x (2 hidden + intermediate)``.
+
+    Example:
+        >>> ia3_parameter_count(base.config)      # all-MiniLM-L6-v2: 6 x (2 x 384 + 1536)
+        13824
+    """
+    return config.num_hidden_layers * (2 * config.hidden_size + config.intermediate_size)
+
+
+def add_prompt_tuning(encoder: nn.Module, num_virtual_tokens: int, init_text: str | None = None,
+                      tokenizer: str | None = None) -> nn.Module:
+    """``encoder`` wrapped by ``peft``'s prompt tuning (Lester et al., 2021): learned input vectors.
+
+    ``num_virtual_tokens`` vectors of the embedding width are put in front of every sentence's
+    word embeddings (in front of ``[CLS]``: the sentence's own tokens move back by that many
+    positions) and attended to by every token; they are the only trained part of the encoder.
+    With ``init_text`` they start as the word embeddings of that text's tokens (repeated or cut to
+    length; ``tokenizer`` names the model whose tokenizer reads it), else at random. The wrapped
+    encoder returns the virtual tokens' outputs first; :class:`SentenceClassifier` pools without
+    them. ``encoder`` is changed in place: pass a copy.
+
+    Example:
+        >>> enc = add_prompt_tuning(copy.deepcopy(base), 8, "a movie review", MODEL)
+        >>> prompt_tokens(enc), trainable_parameters(enc)[0]      # 8 x 384
+        (8, 3072)
+    """
+    from peft import PromptTuningConfig, get_peft_model
+    kwargs = ({"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init_text, "tokenizer_name_or_path": tokenizer}
+              if init_text else {"prompt_tuning_init": "RANDOM"})
+    return get_peft_model(encoder, PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                      num_virtual_tokens=num_virtual_tokens, **kwargs))
+
+
 # ----------------------------------------------------------------------------- what is trained
-GROUPS = ("embeddings", "attention", "feed-forward", "LayerNorm", "biases", "LoRA", "head", "other")
+GROUPS = ("embeddings", "attention", "feed-forward", "LayerNorm", "biases", "LoRA", "IA3", "prompt", "head", "other")
 
 
 def parameter_group(name: str) -> str:
-    """The group of a parameter, from its name in a BERT-family model (and ``peft``'s LoRA names).
+    """The group of a parameter, from its name in a BERT-family model (and ``peft``'s LoRA, IA3 and
+    prompt-tuning names).
 
-    Order matters: a LoRA matrix inside an attention layer is ``LoRA``; a LayerNorm's bias is
+    Order matters: a LoRA matrix (or an IA3 vector) inside an attention layer is ``LoRA`` (``IA3``); a LayerNorm's bias is
     ``LayerNorm``; any other ``.bias`` is ``biases``; then embeddings, attention, feed-forward.
 
     Example:
         >>> parameter_group("encoder.layer.0.attention.self.query.lora_A.default.weight")
         'LoRA'
+        >>> parameter_group("encoder.layer.0.attention.self.key.ia3_l.default")
+        'IA3'
+        >>> parameter_group("prompt_encoder.default.embedding.weight")
+        'prompt'
         >>> parameter_group("encoder.layer.3.output.dense.bias")
         'biases'
     """
     if "lora_" in name:
         return "LoRA"
+    if "ia3_l" in name:
+        return "IA3"
+    if "prompt_encoder" in name:
+        return "prompt"
     if "LayerNorm" in name or "layer_norm" in name:
         return "LayerNorm"
     if name.startswith("head.") or ".head." in name or "classifier" in name:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import CheckResult, _describe, compare, result
-from ..chapters.parameter_efficient_finetuning import SentenceClassifier, parameter_group, training_memory
+from ..chapters.parameter_efficient_finetuning import (SentenceClassifier, add_ia3, ia3_parameter_count,
+                                                       parameter_group, trainable_parameters, training_memory)
 
 __all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
            "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier",
-           "reference_static_memory", "check_static_memory"]
+           "reference_static_memory", "check_static_memory", "check_ia3_count"]
 
 
 _result = result
@@ -353,3 +355,43 @@ def check_static_memory(predict_fn, quiet=False) -> CheckResult:
             return _result(name, False, f"on {title}, " + "; ".join(wrong) + ".", hint, quiet)
     return _result(name, True, "weights, gradients and AdamW state predicted to the byte on 4 models "
                                "(full, BitFit, LoRA, head only).", quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- IA3
+def _ia3_configs():
+    """Small BERT configs whose layer count, width and feed-forward width all differ."""
+    from transformers import BertConfig
+    shapes = ((2, 16, 32), (3, 8, 40), (1, 12, 24), (4, 20, 20))
+    return [BertConfig(vocab_size=50, hidden_size=d, num_hidden_layers=n, num_attention_heads=2, intermediate_size=f,
+                       max_position_embeddings=32) for n, d, f in shapes]
+
+
+def check_ia3_count(count_fn, quiet=False) -> CheckResult:
+    """``count_fn(config) -> int``: IA3's trainable parameters in a BERT encoder of that config.
+
+    Compared with the trainable count of the real ``peft`` IA3 model (key, value and each layer's
+    second feed-forward matrix, :func:`~ptcourse.chapters.parameter_efficient_finetuning.add_ia3`) on
+    four small random BERTs whose layer count, width and feed-forward width differ.
+    """
+    from transformers import BertModel
+    name = "check_ia3_count"
+    hint = ("per layer one vector for the key's outputs and one for the value's (hidden_size numbers each), and one "
+            "for the INPUT of the second feed-forward matrix (intermediate_size numbers); times num_hidden_layers. "
+            "No matrices, no biases, and the attention's output projection is not adapted.")
+    for config in _ia3_configs():
+        torch.manual_seed(0)
+        want = trainable_parameters(add_ia3(BertModel(config, add_pooling_layer=False)))[0]
+        assert want == ia3_parameter_count(config)
+        try:
+            got = count_fn(config)
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
+            return _result(name, False, f"returned {_describe(got)}; expected an int.", hint, quiet)
+        if int(got) != want:
+            return _result(name, False, f"for {config.num_hidden_layers} layers, hidden_size {config.hidden_size}, "
+                                        f"intermediate_size {config.intermediate_size}: you count {int(got):,}, peft "
+                                        f"trains {want:,}.", hint, quiet)
+    return _result(name, True, "equal to peft's trainable IA3 count on 4 BERT shapes.", quiet=quiet)
