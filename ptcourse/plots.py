@@ -119,14 +119,19 @@ def curves(series: dict, xlabel="epoch", ylabel="", title=None, x=None):
 def accuracy_vs_labels(budgets, results: dict, title="accuracy vs labels per class"):
     """Mean +- sample standard deviation (ddof=1, as in the chapters' tables) over seeds per method.
 
-    ``results = {"scratch": [[seed accs] per budget], ...}``; a budget with one seed gets no error bar.
+    ``results = {"scratch": [[seed accs] per budget], ...}``; a budget with one seed gets no error bar, and
+    ``None`` in place of a budget's scores means the method was not trained there (no point is drawn).
+
+    Example:
+        >>> accuracy_vs_labels([4, 128], {"LoRA": [[0.55, 0.6], [0.73, 0.74]], "IA3": [None, [0.7, 0.72]]})
     """
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, per_budget in results.items():
-        arr = [np.asarray(v, dtype=float) for v in per_budget]
+        xs = [b for b, v in zip(budgets, per_budget) if v is not None]
+        arr = [np.asarray(v, dtype=float) for v in per_budget if v is not None]
         mean = np.array([a.mean() for a in arr])
         std = np.array([a.std(ddof=1) if a.size > 1 else 0.0 for a in arr])
-        ax.errorbar(budgets, mean, yerr=std, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=name)
     ax.set_xscale("log"); ax.set_xticks(budgets); ax.set_xticklabels([str(b) for b in budgets])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())  # no stray "6x10^0" labels between budgets
     ax.set_xlabel("labelled examples per class"); ax.set_ylabel("test accuracy")

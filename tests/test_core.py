@@ -73,3 +73,15 @@ def test_accuracy_vs_labels_error_bars_are_the_sample_sd_the_tables_print():
     half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments]
     assert half[0] == pytest.approx(np.std(seeds[0], ddof=1))     # 0.1, not ddof=0's 0.0816
     assert half[1] == 0.0
+
+
+def test_accuracy_vs_labels_draws_a_method_only_at_the_budgets_it_was_trained_at():
+    # chapter 07's cpu profile trains its newer adapters at the largest budget only (None elsewhere)
+    import matplotlib
+    matplotlib.use("Agg")
+    from ptcourse import plots
+    fig = plots.accuracy_vs_labels([4, 128], {"both": [[0.5, 0.6], [0.7, 0.8]], "top only": [None, [0.72, 0.74]]})
+    lines = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}      # each errorbar's data line
+    assert list(lines["top only"].get_xdata()) == [128]
+    assert lines["top only"].get_ydata()[0] == pytest.approx(0.73)
+    assert list(lines["both"].get_xdata()) == [4, 128]
