@@ -358,7 +358,9 @@ def run_if(line: str, cell: str, shell) -> bool:
     """The ``%%run_if FLAG`` cell magic: run the cell only when the expression ``FLAG`` is true in the notebook.
 
     A skipped cell prints one line naming the flag, so a reader sees which cells did not run and why; a
-    cell that runs behaves as without the magic (its errors are raised). Returns whether the cell ran.
+    cell that runs behaves as without the magic (its errors are raised), except that the value of its last
+    expression is not displayed: end such a cell with ``print(...)`` or ``display(...)``, and figures
+    show as usual. Returns whether the cell ran.
     Load it with ``%load_ext ptcourse.chapters.resnet_transfer``. Example (a notebook cell)::
 
         %%run_if IMAGENET
