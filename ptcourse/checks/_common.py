@@ -50,6 +50,22 @@ def result(name: str, ok: bool, msg: str, hint: str = "", quiet: bool = False, d
     return CheckResult(ok, text)
 
 
+def attempt(fn, *args):
+    """Call a student's ``fn(*args)``: ``(value, None)``, or ``(None, "raised Error: message")`` when it
+    raised. ``NotImplementedError`` (the exercise not attempted yet) propagates, as the checks expect.
+
+    Example:
+        >>> attempt(int, "3"), attempt(int, "x")[1]
+        ((3, None), "raised ValueError: invalid literal for int() with base 10: 'x'")
+    """
+    try:
+        return fn(*args), None
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any error is reported to the student
+        return None, f"raised {type(err).__name__}: {err}"
+
+
 def _describe(x) -> str:
     if torch.is_tensor(x):
         return f"tensor{list(x.shape)} {str(x.dtype).replace('torch.', '')}"
@@ -132,12 +148,9 @@ def compare(name, student_fn, reference_fn, cases, *, hint="", atol=1e-5, rtol=1
     for i, args in enumerate(cases):
         args = tuple(args)
         expected = reference_fn(*copy.deepcopy(args))
-        try:
-            got = student_fn(*copy.deepcopy(args))
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any error is reported to the student
-            return fail(f"raised {type(err).__name__}: {err} on input {_describe(args)}")
+        got, error = attempt(student_fn, *copy.deepcopy(args))
+        if error:
+            return fail(f"{error} on input {_describe(args)}")
         problem = difference(got, expected, atol, rtol)
         if problem:
             return fail(f"{problem} on input {i + 1} {_describe(args)}")

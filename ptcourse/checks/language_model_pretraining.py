@@ -94,10 +94,10 @@ def check_next_token_loss(loss_fn, quiet=False) -> CheckResult:
 def reference_next_token_probs(logits, temperature=1.0, top_k=None):
     """The distribution ``sample_next`` must draw from: softmax(logits / T) restricted to the
     ``top_k`` largest logits and renormalised."""
+    from ptcourse.chapters.language_model_pretraining import top_k_filter
     logits = logits / temperature
     if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
     return logits.softmax(-1)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import CheckResult, _describe, compare, result
+from ._common import CheckResult, _describe, attempt, compare, result
 from ..chapters.parameter_efficient_finetuning import (SentenceClassifier, add_ia3, ia3_parameter_count,
                                                        parameter_group, trainable_parameters, training_memory)
 
@@ -179,12 +179,9 @@ def check_bitfit(select_fn, quiet=False) -> CheckResult:
     for start in (True, False):
         model = tiny_bert_classifier(all_trainable=start)
         expected = reference_bitfit(tiny_bert_classifier(all_trainable=start))
-        try:
-            out = select_fn(model)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        out, error = attempt(select_fn, model)
+        if error:
+            return _result(name, False, error, hint, quiet)
         model = out if isinstance(out, nn.Module) else model
         want = {n for n, p in expected.named_parameters() if p.requires_grad}
         got = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -339,12 +336,9 @@ def check_static_memory(predict_fn, quiet=False) -> CheckResult:
             "requires_grad only; optimizer: AdamW keeps two tensors (exp_avg, exp_avg_sq) of each trainable "
             "parameter's size.")
     for title, model, batch in _memory_models():
-        try:
-            got = predict_fn(copy.deepcopy(model))
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        got, error = attempt(predict_fn, copy.deepcopy(model))
+        if error:
+            return _result(name, False, error, hint, quiet)
         if not isinstance(got, dict) or not {"weights", "gradients", "optimizer"} <= set(got):
             return _result(name, False, f"returned {_describe(got)}; expected a dict with the keys 'weights', "
                                         "'gradients' and 'optimizer'.", hint, quiet)
@@ -382,12 +376,9 @@ def check_ia3_count(count_fn, quiet=False) -> CheckResult:
         torch.manual_seed(0)
         want = trainable_parameters(add_ia3(BertModel(config, add_pooling_layer=False)))[0]
         assert want == ia3_parameter_count(config)
-        try:
-            got = count_fn(config)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            return _result(name, False, f"raised {type(err).__name__}: {err}", hint, quiet)
+        got, error = attempt(count_fn, config)
+        if error:
+            return _result(name, False, error, hint, quiet)
         if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
             return _result(name, False, f"returned {_describe(got)}; expected an int.", hint, quiet)
         if int(got) != want:

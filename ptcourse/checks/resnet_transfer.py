@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from ._common import CheckResult, SealedTestLab, compare, result, split_trials, train_on_tensors
+from ._common import CheckResult, SealedTestLab, attempt, compare, result, split_trials, train_on_tensors
 
 __all__ = ["check_replace_head_and_freeze", "check_discriminative_groups", "check_gradcam", "two_squares",
            "check_reestimate_batchnorm", "TransferLab", "check_experiment"]
@@ -35,12 +35,8 @@ def check_replace_head_and_freeze(student_fn, quiet=False) -> CheckResult:
     for num_classes in (7, 3):
         torch.manual_seed(num_classes)
         net = torchvision.models.resnet18(weights=None)
-        try:
-            model = student_fn(net, num_classes)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            problem = f"raised {type(err).__name__}: {err}"
+        model, problem = attempt(student_fn, net, num_classes)
+        if problem:
             break
         if not isinstance(model, nn.Module):
             problem = f"should return an nn.Module, got {type(model).__name__}"
@@ -110,12 +106,8 @@ def check_reestimate_batchnorm(student_fn, quiet=False) -> CheckResult:
         params = {n: p.detach().clone() for n, p in net.named_parameters()}
         reference = reestimate_batchnorm(copy.deepcopy(net), images, batch)
         want = [(m.running_mean, m.running_var) for m in reference if isinstance(m, nn.BatchNorm2d)]
-        try:
-            out = student_fn(net, images.clone(), batch)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            problem = f"raised {type(err).__name__}: {err}"
+        out, problem = attempt(student_fn, net, images.clone(), batch)
+        if problem:
             break
         model = out if isinstance(out, nn.Module) else net
         norms = [m for m in net if isinstance(m, nn.BatchNorm2d)]
@@ -171,12 +163,8 @@ def check_discriminative_groups(student_fn, quiet=False) -> CheckResult:
     problem = None
     for i, (net, head_lr, decay) in enumerate(cases):
         names = {id(p): n for n, p in net.named_parameters()}
-        try:
-            got = student_fn(net, head_lr, decay)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            problem = f"raised {type(err).__name__}: {err}"
+        got, problem = attempt(student_fn, net, head_lr, decay)
+        if problem:
             break
         try:
             got = _groups_summary(got, names)
