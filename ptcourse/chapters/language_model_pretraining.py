@@ -478,6 +478,18 @@ def collate_sentences(items, pad_id: int = PAD_ID) -> dict:
 
 
 # ----------------------------------------------------------------------------- generating text
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Top-k filtering: the logits with every token outside the ``top_k`` largest set to ``-inf``
+    (ties with the k-th largest are kept).
+
+    Example:
+        >>> top_k_filter(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), 2).isfinite().tolist()
+        [[True, True, False, False]]
+    """
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus (top-p) filtering: keep the smallest set of likeliest tokens whose probabilities sum
     to at least ``top_p``, set the other logits to ``-inf`` (Holtzman et al. 2020).
@@ -502,8 +514,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None) -> torch.Tensor:
     """Next token ids ``[B]`` from logits ``[B, V]``: greedy when ``temperature == 0`` (the argmax),
-    else a draw from softmax(logits / T) restricted to the ``top_k`` largest logits and/or the
-    nucleus of mass ``top_p`` (:func:`top_p_filter`).
+    else a draw from softmax(logits / T) restricted to the ``top_k`` largest logits (:func:`top_k_filter`)
+    and/or the nucleus of mass ``top_p`` (:func:`top_p_filter`).
 
     Example:
         >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), temperature=0).tolist()
@@ -513,8 +525,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
