@@ -325,32 +325,22 @@ def pretrain(net: nn.Module, prep: nn.Module, images, labels, val_images, val_la
                progress=progress)
 
 
-@torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, images, batch: int = 128) -> nn.Module:
     """Replace every BatchNorm layer's running statistics by those of ``images`` (AdaBN, Li et al. 2016).
 
     The source's statistics describe the source's images; on other images a layer's inputs can have another
-    mean and scale. This resets each layer's running mean and variance, runs ``images`` through the model
-    in train mode with ``momentum=None`` (an exact cumulative average over the batches, not an exponential
-    one), restores each layer's momentum and returns the model in eval mode. No parameter changes, and no
-    label is used. Example:
+    mean and scale. PyTorch's ``torch.optim.swa_utils.update_bn`` does exactly this re-estimation: it resets
+    each layer's running mean and variance, runs the images through the model in train mode with
+    ``momentum=None`` (an exact cumulative average over the batches, not an exponential one) and restores
+    each layer's momentum. The model is returned in eval mode, ready to extract features. No parameter
+    changes, and no label is used. Example:
         >>> reestimate_bn = reestimate_batchnorm(nn.Sequential(prep, backbone), target_images)
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
+    from torch.optim.swa_utils import update_bn
+
     device = next(model.parameters()).device
-    model.train()
-    try:
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch].to(device))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-    return model
+    update_bn((images[i:i + batch] for i in range(0, len(images), batch)), model, device)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- notebook cells run on a condition
