@@ -474,12 +474,8 @@ class _SavedTensorMeter:
 
 
 def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of ``tensors`` (None skipped). ``model.parameters()`` yields a shared parameter once."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def training_memory(model: nn.Module, batch: dict, *, loss_fn=F.cross_entropy, lr: float = 1e-3,
