@@ -320,14 +320,40 @@ def test_label_splits_are_disjoint_balanced_and_seeded():
     assert (val == val2).all() and (lab[(2, 1)] == lab2[(2, 1)]).all()
 
 
-@pytest.mark.slow  # a few seconds: kept out of the fast tier
-def test_linear_probe_val_picks_c_on_validation():
+@pytest.mark.slow  # a few seconds of logistic regressions: kept out of the fast tier
+def test_fit_logistic_probe_runs_with_one_blas_thread_and_learns():
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
     g = torch.Generator().manual_seed(0)
     means = 2 * torch.randn(3, 6, generator=g)
     make = lambda n: (means[torch.arange(n) % 3] + torch.randn(n, 6, generator=g), torch.arange(n) % 3)  # noqa: E731
-    res = augment.linear_probe_val(make(60), make(60), make(90), Cs=(0.001, 1.0))
-    assert set(res) == {"C", "val", "test"} and res["C"] in (0.001, 1.0)
-    assert res["test"] > 0.6 and res["val"] > 0.6
+    (x, y), (xv, yv) = make(60), make(90)
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    before, seen, fit = blas(), [], LogisticRegression.fit
+    with pytest.MonkeyPatch.context() as mp:            # record the BLAS threads while the fit runs
+        mp.setattr(LogisticRegression, "fit", lambda self, *a, **k: (seen.append(blas()), fit(self, *a, **k))[1])
+        probe = probes.fit_logistic_probe(x, y, C=1.0)
+    assert seen and all(n == 1 for n in seen[0])
+    assert blas() == before                          # the limit is lifted afterwards
+    assert (probe.predict(xv.numpy()) == yv.numpy()).mean() > 0.6
+
+
+@pytest.mark.slow  # a few seconds of logistic regressions: kept out of the fast tier
+def test_linear_probe_chooses_c_as_sklearns_cross_validation_does():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(3, 6, generator=g)           # overlapping classes: C matters
+    make = lambda n: (means[torch.arange(n) % 3] + torch.randn(n, 6, generator=g), torch.arange(n) % 3)  # noqa: E731
+    (x, y), (xt, yt) = make(45), make(300)
+    x64, y64 = x.numpy().astype(np.float64), y.numpy()
+    ref = lambda c: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))  # noqa: E731
+    c_ref = max((0.01, 0.1, 1.0, 10.0), key=lambda c: cross_val_score(ref(c), x64, y64, cv=3).mean())
+    want = (ref(c_ref).fit(x64, y64).predict(xt.numpy()) == yt.numpy()).mean()
+    assert probes.linear_probe(x, y, xt, yt) == pytest.approx(want, abs=1 / 300)
+    assert probes.linear_probe(x, y, xt, yt, C=c_ref) == probes.linear_probe(x, y, xt, yt)
 
 
 def test_train_classifier_runs_exact_steps_and_does_not_touch_the_encoder():
@@ -380,9 +406,9 @@ def test_probe_search_chooses_c_on_the_mean_over_draws_and_returns_their_probes(
     assert s.trials == 3 * 3 and set(fitted) == {0, 1, 2}
     # each score is the mean validation accuracy over the three draws, recomputed here probe by probe
     acc = lambda p: (p.predict(fv.numpy().astype("float64")) == yv.numpy()).mean()  # noqa: E731
-    mean_val = {c: np.mean([acc(augment.fit_linear_probe(x, y, c, seed=k)) for k, (x, y) in draws.items()])
+    mean_val = {c: np.mean([acc(probes.fit_logistic_probe(x, y, c, seed=k)) for k, (x, y) in draws.items()])
                 for c in s.grid}
     assert s.val == pytest.approx(mean_val)
     assert mean_val[s.chosen] == max(mean_val.values())
-    assert [acc(fitted[k]) for k in draws] == [acc(augment.fit_linear_probe(x, y, s.chosen, seed=k))
+    assert [acc(fitted[k]) for k in draws] == [acc(probes.fit_logistic_probe(x, y, s.chosen, seed=k))
                                                for k, (x, y) in draws.items()]

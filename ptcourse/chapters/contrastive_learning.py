@@ -226,49 +226,6 @@ def label_splits(labels, val_per_class: int, budgets, seeds, val_seed: int = 100
     return val_idx, labelled
 
 
-def linear_probe_val(train, val, test, Cs=(0.01, 0.1, 1.0, 10.0), seed: int = 0) -> dict:
-    """Logistic regression on frozen standardised features; ``C`` chosen on the validation features.
-
-    ``train``, ``val``, ``test`` are ``(features, labels)`` pairs. Returns ``{"C", "val", "test"}``:
-    the chosen C, its validation accuracy and its test accuracy (the test set is used once).
-
-    Example:
-        >>> r = linear_probe_val((f_tr, y_tr), (f_val, y_val), (f_te, y_te)); r["test"]
-    """
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    arr = lambda pair: (np.asarray(pair[0], dtype=np.float64), np.asarray(pair[1]))  # noqa: E731
-    (xtr, ytr), (xva, yva), (xte, yte) = arr(train), arr(val), arr(test)
-    best = None
-    for c in Cs:
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-        probe.fit(xtr, ytr)
-        acc = float((probe.predict(xva) == yva).mean())
-        if best is None or acc > best[1]:
-            best = (c, acc, probe)
-    c, acc, probe = best
-    return {"C": c, "val": acc, "test": float((probe.predict(xte) == yte).mean())}
-
-
-def fit_linear_probe(x, y, C: float, seed: int = 0):
-    """Fit a logistic regression on standardised frozen features with regularisation ``C``.
-
-    The probe of :func:`probe_search`: one fit per (C, labelled draw). Returns the fitted sklearn
-    pipeline; score it with ``(probe.predict(f) == y).mean()``.
-
-    Example:
-        >>> probe = fit_linear_probe(f_train, y_train, C=0.1); (probe.predict(f_val) == y_val).mean()
-    """
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
-    return probe.fit(np.asarray(x, dtype=np.float64), np.asarray(y))
-
-
 def probe_search(name: str, Cs, draws: dict, val, *, search_kw=None):
     """Choose a linear probe's ``C`` by the mean validation accuracy over every labelled draw.
 
@@ -287,11 +244,12 @@ def probe_search(name: str, Cs, draws: dict, val, *, search_kw=None):
     """
     import numpy as np
     from ..compare import search
+    from ..probes import fit_logistic_probe
     fv, yv = np.asarray(val[0], dtype=np.float64), np.asarray(val[1])
     fitted = {}
 
     def score(c):
-        fitted[c] = {seed: fit_linear_probe(x, y, c, seed=seed) for seed, (x, y) in draws.items()}
+        fitted[c] = {seed: fit_logistic_probe(x, y, c, seed=seed) for seed, (x, y) in draws.items()}
         return float(np.mean([(p.predict(fv) == yv).mean() for p in fitted[c].values()]))
 
     s = search(name, list(Cs), score, trials_per_value=len(draws), **(search_kw or {}))
