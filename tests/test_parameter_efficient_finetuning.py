@@ -15,7 +15,8 @@ from ptcourse.chapters.parameter_efficient_finetuning import (
 from ptcourse.chapters.bert_finetuning import pad_collate
 from ptcourse.checks.parameter_efficient_finetuning import (
     ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
-    reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory, check_ia3_count)
+    reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory, check_ia3_count,
+    check_prompt_pooling)
 
 
 # ----------------------------------------------------------------------------- library
@@ -495,3 +496,25 @@ def test_check_ia3_count():
         raise NotImplementedError("write ia3_parameters")
     with pytest.raises(NotImplementedError):
         check_ia3_count(stub, quiet=True)
+
+
+def test_check_prompt_pooling():
+    def right(hidden, mask):
+        return mean_pool(hidden[:, hidden.shape[1] - mask.shape[1]:], mask)
+    assert check_prompt_pooling(right, quiet=True)
+    slips = {"virtual tokens": lambda h, mask: mean_pool(h[:, :mask.shape[1]], mask),       # the first n positions
+             "padding": lambda h, mask: h[:, h.shape[1] - mask.shape[1]:].mean(1),          # mask ignored
+             "every position": lambda h, mask: h.mean(1),
+             "shape": lambda h, mask: right(h, mask)[0],                                    # one sentence only
+             "error": lambda h, mask: mean_pool(h, mask)}                                   # lengths differ: raises
+    messages = {k: check_prompt_pooling(fn, quiet=True) for k, fn in slips.items()}
+    assert not any(messages.values())
+    assert "virtual tokens' outputs" in messages["virtual tokens"].message
+    assert "padding is averaged in" in messages["padding"].message
+    assert "expected tensor[4, 6]" in messages["shape"].message and "raised" in messages["error"].message
+
+    def stub(hidden, mask):
+        raise NotImplementedError("write pool_real_tokens")
+    with pytest.raises(NotImplementedError):
+        check_prompt_pooling(stub, quiet=True)
+

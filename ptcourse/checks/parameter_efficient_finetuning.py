@@ -21,7 +21,7 @@ from ..chapters.parameter_efficient_finetuning import (SentenceClassifier, add_i
 
 __all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
            "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier",
-           "reference_static_memory", "check_static_memory", "check_ia3_count"]
+           "reference_static_memory", "check_static_memory", "check_ia3_count", "check_prompt_pooling"]
 
 
 _result = result
@@ -386,3 +386,44 @@ def check_ia3_count(count_fn, quiet=False) -> CheckResult:
                                         f"intermediate_size {config.intermediate_size}: you count {int(got):,}, peft "
                                         f"trains {want:,}.", hint, quiet)
     return _result(name, True, "equal to peft's trainable IA3 count on 4 BERT shapes.", quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- prompt tuning: pooling
+def check_prompt_pooling(pool_fn, quiet=False) -> CheckResult:
+    """``pool_fn(hidden, attention_mask) -> [B, d]``: the mean over a sentence's own tokens of a
+    prompt-tuned encoder's output.
+
+    ``hidden`` is [B, m + n, d]: the outputs of the ``m`` virtual tokens first, then those of the
+    sentence's ``n`` positions, whose ``attention_mask`` [B, n] marks the real tokens (1) and the
+    padding (0). Compared with :func:`~ptcourse.chapters.parameter_efficient_finetuning.mean_pool`
+    over ``hidden[:, m:]`` for m = 0, 3 and 8 virtual tokens and sentences of different lengths;
+    the two usual slips (the virtual tokens or the padding averaged in) get their own message.
+    """
+    from ..chapters.parameter_efficient_finetuning import mean_pool
+    name = "check_prompt_pooling"
+    hint = ("m = hidden.shape[1] - attention_mask.shape[1] virtual tokens come FIRST: drop them "
+            "(hidden[:, m:]), then average over the positions where attention_mask is 1.")
+    g = torch.Generator().manual_seed(0)
+    for m in (0, 3, 8):
+        lengths = torch.tensor([5, 2, 7, 1])
+        mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+        hidden = torch.randn(4, m + 7, 6, generator=g)
+        want = mean_pool(hidden[:, m:], mask)
+        got, error = attempt(pool_fn, hidden.clone(), mask.clone())
+        if error:
+            return _result(name, False, f"with {m} virtual tokens: {error}", hint, quiet)
+        if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
+            return _result(name, False, f"with {m} virtual tokens: returned {_describe(got)}; expected "
+                                        f"tensor{list(want.shape)} (one vector per sentence).", hint, quiet)
+        if torch.allclose(got, want, atol=1e-5):
+            continue
+        if m and torch.allclose(got, mean_pool(hidden[:, :7], mask), atol=1e-5):
+            return _result(name, False, f"with {m} virtual tokens your vectors average the first positions of "
+                                        "`hidden`, which are the virtual tokens' outputs.", hint, quiet)
+        if torch.allclose(got, hidden[:, m:].mean(1), atol=1e-5):
+            return _result(name, False, "the padding is averaged in: a sentence of 2 tokens gets the mean over "
+                                        "all 7 positions.", hint, quiet)
+        return _result(name, False, f"with {m} virtual tokens: the vectors differ from the mean over the real "
+                                    f"tokens by up to {(got - want).abs().max():.3g}.", hint, quiet)
+    return _result(name, True, "the mean over the real tokens only, with 0, 3 and 8 virtual tokens in front.",
+                   quiet=quiet)
