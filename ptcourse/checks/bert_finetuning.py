@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from ._common import CheckResult, _describe, compare
+from ._common import CheckResult, _describe, attempt, compare
 from ._common import result as _report
 from ..chapters.bert_finetuning import mask_tokens, pad_collate, tfidf_baseline
 
@@ -100,12 +100,9 @@ def check_mask_tokens(mask_fn, quiet=False, seed=0) -> CheckResult:
     special[:, 0] = True
     special[torch.arange(1000), lengths - 1] = True
     original = ids.clone()
-    try:
-        out = mask_fn(ids, special, mask_id, vocab, 0.15)
-    except NotImplementedError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        return result(False, f"raised {type(err).__name__}: {err} on input_ids {_describe(ids)}")
+    out, error = attempt(mask_fn, ids, special, mask_id, vocab, 0.15)
+    if error:
+        return result(False, f"{error} on input_ids {_describe(ids)}")
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
         return result(False, f"should return (inputs, labels), two tensors; got {_describe(out)}")
     inputs, labels = out
@@ -185,12 +182,9 @@ def check_label_budget(predict, train_indices, claimed_val_acc, *, dataset="rott
     if idx.min() < 0 or idx.max() >= len(tr_x):
         return result(False, f"train_indices must lie in [0, {len(tr_x)}): they index the train split.")
     n = len(idx)
-    try:
-        val_pred = np.asarray(predict(list(va_x))).ravel()
-    except NotImplementedError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        return result(False, f"predict(texts) raised {type(err).__name__}: {err}")
+    val_pred, error = attempt(lambda: np.asarray(predict(list(va_x))).ravel())
+    if error:
+        return result(False, f"predict(texts) {error}")
     if val_pred.shape != va_y.shape:
         return result(False, f"predict(texts) should return one label per sentence: {len(va_y)} labels, got "
                              f"{_describe(val_pred)}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import CheckResult, compare, result
+from ._common import CheckResult, attempt, compare, result
 
 __all__ = ["check_nt_xent", "check_two_views", "check_knn_predict", "check_temperature_sweep"]
 
@@ -65,13 +65,13 @@ def check_two_views(two_views_cls, quiet: bool = False) -> CheckResult:
             "read the image (ignore the label) with `x, _ = self.dataset[i]` and return "
             "`self.transform(x), self.transform(x)`: two calls, two different random views."))
 
-    try:
+    def build():
         ds = two_views_cls(base, _random_transform)
-        n = len(ds)
-    except NotImplementedError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        return name(f"building it or taking len() raised {type(err).__name__}: {err}")
+        return ds, len(ds)
+    built, error = attempt(build)
+    if error:
+        return name(f"building it or taking len() {error}")
+    ds, n = built
     if n != len(base):
         return name(f"len() is {n}, expected {len(base)} (the length of the wrapped dataset)")
 

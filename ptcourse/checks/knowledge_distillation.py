@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import CheckResult, SealedTestLab, compare, split_trials, train_on_tensors
+from ._common import CheckResult, SealedTestLab, attempt, compare, split_trials, train_on_tensors
 from ._common import result as _report
 
 __all__ = ["check_softmax_t", "check_distillation_loss", "check_latency", "DistillLab", "check_experiment"]
@@ -141,13 +141,9 @@ def check_latency(student_fn, quiet=False) -> CheckResult:
     name = "check_latency"
     seconds, batch = 0.02, 8
     model = _Sleeper(seconds).train()
-    try:
-        got = student_fn(model, torch.rand(batch, 3, 4, 4))
-    except NotImplementedError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        return _fail(name, f"raised {type(err).__name__}: {err}", "time `model(x)` with torch.utils.benchmark.Timer.",
-                     quiet)
+    got, error = attempt(student_fn, model, torch.rand(batch, 3, 4, 4))
+    if error:
+        return _fail(name, error, "time `model(x)` with torch.utils.benchmark.Timer.", quiet)
     expected = seconds * 1000 / batch
     try:
         got = float(got)

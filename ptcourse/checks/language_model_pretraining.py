@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import CheckResult, compare, result
+from ._common import CheckResult, attempt, compare, result
 
 
 def _result(name, problem, ok_text, hint, quiet):
@@ -71,12 +71,7 @@ def check_next_token_loss(loss_fn, quiet=False) -> CheckResult:
     cases = _loss_cases()
     logits, ids, pad_id = cases[0]
     hint = "the prediction at position t is scored against the token at t + 1: drop the last logit and the first id."
-    try:
-        got = loss_fn(*[c.clone() if torch.is_tensor(c) else c for c in cases[0]])
-    except NotImplementedError:
-        raise
-    except Exception:  # noqa: BLE001 - reported by compare below
-        got = None
+    got, _ = attempt(loss_fn, *[c.clone() if torch.is_tensor(c) else c for c in cases[0]])   # an error: compare says
     if torch.is_tensor(got) and got.numel() == 1:
         flat = lambda lo, ta: F.cross_entropy(lo.reshape(-1, lo.shape[-1]), ta.reshape(-1), ignore_index=-100)
         unshifted = flat(logits, ids.masked_fill(ids == pad_id, -100))
@@ -111,12 +106,9 @@ def check_sample_next(sample_fn, quiet=False, draws: int = 20000) -> CheckResult
     torch.manual_seed(0)
     for temperature, top_k in settings:
         logits = row.expand(draws, -1).clone()
-        try:
-            ids = sample_fn(logits, temperature, top_k)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            return _result(name, f"raised {type(err).__name__}: {err} (temperature={temperature}, top_k={top_k})",
+        ids, error = attempt(sample_fn, logits, temperature, top_k)
+        if error:
+            return _result(name, f"{error} (temperature={temperature}, top_k={top_k})",
                            "", "take logits [B, V] and return a tensor of B token ids.", quiet)
         if not torch.is_tensor(ids) or ids.shape not in ((draws,), (draws, 1)) or ids.is_floating_point():
             got = f"tensor{list(ids.shape)} {ids.dtype}" if torch.is_tensor(ids) else type(ids).__name__
@@ -176,12 +168,7 @@ def check_top_p_filter(filter_fn, quiet=False) -> CheckResult:
             "*above* it is below top_p (so the token that crosses top_p is kept), then map the mask back to "
             "the original order before filling the rest with -inf.")
     cases = _nucleus_cases()
-    try:
-        got = [filter_fn(l.clone(), p) for l, p in cases]
-    except NotImplementedError:
-        raise
-    except Exception:  # noqa: BLE001 - reported by compare below
-        got = None
+    got, _ = attempt(lambda: [filter_fn(l.clone(), p) for l, p in cases])   # an error: compare reports it
     if got is not None and all(torch.is_tensor(x) and x.shape == l.shape for x, (l, _) in zip(got, cases)):
         kept = [x.detach().softmax(-1) > 0 for x in got]
         ref = [reference_top_p_filter(l, p).isfinite() for l, p in cases]

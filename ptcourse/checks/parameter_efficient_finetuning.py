@@ -88,12 +88,9 @@ def check_lora_linear(lora_cls, quiet=False) -> CheckResult:
         torch.manual_seed(100 + i)
         base = nn.Linear(n_in, n_out)
         original = copy.deepcopy(base)
-        try:
-            layer = lora_cls(base, r, alpha)
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            return fail(f"LoRALinear(base, r={r}, alpha={alpha}) raised {type(err).__name__}: {err}")
+        layer, error = attempt(lora_cls, base, r, alpha)
+        if error:
+            return fail(f"LoRALinear(base, r={r}, alpha={alpha}) {error}")
         A, B = getattr(layer, "A", None), getattr(layer, "B", None)
         if not (isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter)):
             return fail("the layer needs two nn.Parameter attributes, `A` and `B`.")
