@@ -347,3 +347,37 @@ def test_top_p_check_accepts_the_right_answer_and_rejects_typical_wrong_ones():
         assert not checks.check_top_p_filter(wrong, quiet=True)
     with pytest.raises(NotImplementedError):
         checks.check_top_p_filter(lambda lo, p: (_ for _ in ()).throw(NotImplementedError("Exercise 5")), quiet=True)
+
+
+def _cached_attention(attn, x, cache, diagonal_offset=True, mask_new=True, keep_cache=True):
+    """attention_step with one thing done wrong, for the check's tests."""
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.n_heads, C // attn.n_heads).transpose(1, 2) for t in attn.qkv(x).split(C, 2))
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+    past = k.shape[2] - T
+    allowed = torch.ones(T, past + T, dtype=torch.bool).tril(diagonal=past if diagonal_offset else 0)
+    if not mask_new:
+        allowed[:] = True
+    y = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    out = attn.proj(y.transpose(1, 2).reshape(B, T, C))
+    return out, ((k, v) if keep_cache else (k[:, :, past:], v[:, :, past:]))
+
+
+def test_check_kv_cache_step():
+    assert checks.check_kv_cache_step(lm.attention_step, quiet=True)
+    assert checks.check_kv_cache_step(_cached_attention, quiet=True)          # the slips' helper, done right
+
+    def recomputes(attn, x, cache):                                            # projects the cached positions again
+        attn.qkv(torch.cat([x, x], 1))
+        return lm.attention_step(attn, x, cache)
+    slips = {"projected": recomputes,
+             "mask among the new": lambda a, x, c: _cached_attention(a, x, c, mask_new=False),
+             "leaves out the cached": lambda a, x, c: _cached_attention(a, x, c, diagonal_offset=False),
+             "should hold the keys": lambda a, x, c: _cached_attention(a, x, c, keep_cache=False),
+             "expected (y, (k, v))": lambda a, x, c: lm.attention_step(a, x, c)[0]}
+    for words, fn in slips.items():
+        r = checks.check_kv_cache_step(fn, quiet=True)
+        assert not r and words in r.message, (words, r.message)
+    with pytest.raises(NotImplementedError):
+        checks.check_kv_cache_step(lambda a, x, c: (_ for _ in ()).throw(NotImplementedError("Exercise 6")), quiet=True)

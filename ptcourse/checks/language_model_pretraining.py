@@ -1,5 +1,5 @@
 """Checks for chapter 06's exercises: causal self-attention, the next-token loss, sampling, nucleus
-(top-p) filtering, and the open-ended pretraining experiment.
+(top-p) filtering, a KV-cache attention step, and the open-ended pretraining experiment.
 
 Example:
     >>> from ptcourse.checks.language_model_pretraining import check_causal_attention
@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import CheckResult, attempt, compare, result
+from ._common import CheckResult, _describe, attempt, compare, result
 
 
 def _result(name, problem, ok_text, hint, quiet):
@@ -181,6 +181,83 @@ def check_top_p_filter(filter_fn, quiet=False) -> CheckResult:
                     "order; scatter it back to the vocabulary order (or fill the sorted logits and unsort them).")
     return compare("check_top_p_filter", probs(filter_fn), probs(reference_top_p_filter), cases, quiet=quiet,
                    hint=hint)
+
+
+# ----------------------------------------------------------------------------- a KV cache step
+def check_kv_cache_step(step_fn, quiet=False) -> CheckResult:
+    """``step_fn(attn, x_new, cache) -> (y, (k, v))``: causal self-attention of the new positions
+    ``x_new`` ``[B, T_new, d]`` of a :class:`~ptcourse.chapters.language_model_pretraining.CausalSelfAttention`
+    over the cached keys and values ``cache = (k, v)`` (each ``[B, heads, T_past, d_h]``, or None at
+    the start) and their own; returns the new positions' outputs and the cache grown by their keys and
+    values.
+
+    Compared with the attention run on the whole sequence at once (``attn(x)[:, T_past:]``) for a
+    prompt, one new token and several new tokens at a time; the cache is compared with the keys and
+    values of the whole sequence, and ``attn.qkv`` must see only the new positions (projecting the
+    cached ones again is the work a cache exists to save).
+    """
+    from ..chapters.language_model_pretraining import CausalSelfAttention
+    name = "check_kv_cache_step"
+    hint = ("project only x_new with attn.qkv, split into heads ([B, heads, T_new, d_h]), append k and v to the "
+            "cached ones along the position axis (dim 2), then let new position i attend to every cached key and "
+            "to the new keys up to itself: torch.ones(T_new, T_past + T_new).tril(diagonal=T_past) as the mask.")
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, n_heads=4).eval()
+    x = torch.randn(2, 9, 16)
+    B, T, C = x.shape
+    with torch.no_grad():
+        q_all, k_all, v_all = (t.view(B, T, 4, C // 4).transpose(1, 2) for t in attn.qkv(x).split(C, dim=2))
+
+    @torch.no_grad()
+    def masked(past, new, diagonal):         # the new positions' outputs under tril(diagonal) over past + new keys
+        q, k, v = q_all[:, :, past:past + new], k_all[:, :, :past + new], v_all[:, :, :past + new]
+        allowed = torch.ones(new, past + new, dtype=torch.bool).tril(diagonal=diagonal)
+        y = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        return attn.proj(y.transpose(1, 2).reshape(B, new, C))
+    rows = []
+    hook = attn.qkv.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        for past, new in ((0, 4), (4, 1), (5, 3), (8, 1)):
+            cache = None if past == 0 else (k_all[:, :, :past].clone(), v_all[:, :, :past].clone())
+            rows.clear()
+            with torch.no_grad():
+                got, error = attempt(step_fn, attn, x[:, past:past + new].clone(), cache)
+            where = f"with {past} cached and {new} new position(s)"
+            if error:
+                return _result(name, f"{where}: {error}", "", hint, quiet)
+            ok_shape = (isinstance(got, (tuple, list)) and len(got) == 2 and torch.is_tensor(got[0])
+                        and isinstance(got[1], (tuple, list)) and len(got[1]) == 2)
+            if not ok_shape:
+                return _result(name, f"{where}: returned {_describe(got)}; expected (y, (k, v)).", "", hint, quiet)
+            y, (k, v) = got
+            if any(r > new for r in rows):
+                return _result(name, f"{where}: attn.qkv projected {max(rows)} positions; only the {new} new ones "
+                                     "need it, the cached keys and values are already projected.", "", hint, quiet)
+            want = attn(x[:, :past + new])[:, past:].detach()
+            if tuple(y.shape) != tuple(want.shape):
+                return _result(name, f"{where}: y is {_describe(y)}; expected tensor{list(want.shape)}.", "",
+                               hint, quiet)
+            if not (torch.is_tensor(k) and tuple(k.shape) == tuple(k_all[:, :, :past + new].shape)
+                    and torch.allclose(k, k_all[:, :, :past + new], atol=1e-5)
+                    and torch.is_tensor(v) and torch.allclose(v, v_all[:, :, :past + new], atol=1e-5)):
+                return _result(name, f"{where}: the returned cache should hold the keys and values of all "
+                                     f"{past + new} positions so far, [B, heads, {past + new}, d_h], in order; got "
+                                     f"{_describe(k)}, {_describe(v)}.", "", hint, quiet)
+            if not torch.allclose(y, want, atol=1e-5):
+                if past and torch.allclose(y, masked(past, new, 0), atol=1e-5):
+                    problem = ("the mask leaves out the cached positions: new position i sees the keys 0..i only, "
+                               f"instead of the {past} cached keys and the new ones up to itself")
+                elif new > 1 and torch.allclose(y[:, -1], want[:, -1], atol=1e-5):
+                    problem = ("only the last new position is right: the earlier new positions must not see the new "
+                               "positions after them (a mask among the new ones)")
+                else:
+                    problem = ("the outputs differ from attention over the whole sequence by up to "
+                               f"{(y - want).abs().max():.3g}")
+                return _result(name, f"{where}: {problem}.", "", hint, quiet)
+    finally:
+        hook.remove()
+    return _result(name, None, "the same outputs as attention over the whole sequence, the cache grown by the new "
+                               "keys and values, and only the new positions projected.", "", quiet)
 
 
 # ----------------------------------------------------------------------------- the open-ended experiment
