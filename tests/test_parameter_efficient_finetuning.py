@@ -16,7 +16,7 @@ from ptcourse.chapters.bert_finetuning import pad_collate
 from ptcourse.checks.parameter_efficient_finetuning import (
     ReferenceLoRALinear, check_bitfit, check_lora_linear, check_lora_search, check_zero_shot, reference_bitfit,
     reference_zero_shot, tiny_bert_classifier, check_static_memory, reference_static_memory, check_ia3_count,
-    check_prompt_pooling)
+    check_lora_all_linear_count, check_prompt_pooling)
 
 
 # ----------------------------------------------------------------------------- library
@@ -497,6 +497,25 @@ def test_check_ia3_count():
     with pytest.raises(NotImplementedError):
         check_ia3_count(stub, quiet=True)
 
+
+def test_check_lora_all_linear_count():
+    def right(c, r):
+        return c.num_hidden_layers * r * (4 * 2 * c.hidden_size + 2 * (c.hidden_size + c.intermediate_size))
+    assert check_lora_all_linear_count(right, quiet=True)
+    wrong = {"query and value only": lambda c, r: c.num_hidden_layers * r * 2 * 2 * c.hidden_size,
+             "attention only": lambda c, r: c.num_hidden_layers * r * 4 * 2 * c.hidden_size,
+             "r squared": lambda c, r: right(c, r) * r,
+             "one layer": lambda c, r: right(c, r) // c.num_hidden_layers,
+             "not an int": lambda c, r: float(right(c, r))}
+    for label, fn in wrong.items():
+        assert not check_lora_all_linear_count(fn, quiet=True), label
+    r = check_lora_all_linear_count(wrong["attention only"], quiet=True)
+    assert "r=1: you count" in r.message and "peft trains" in r.message
+
+    def stub(config, r):
+        raise NotImplementedError("write lora_all_linear_parameters")
+    with pytest.raises(NotImplementedError):
+        check_lora_all_linear_count(stub, quiet=True)
 
 def test_check_prompt_pooling():
     def right(hidden, mask):

@@ -16,12 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import CheckResult, _describe, attempt, compare, result
-from ..chapters.parameter_efficient_finetuning import (SentenceClassifier, add_ia3, ia3_parameter_count,
-                                                       parameter_group, trainable_parameters, training_memory)
+from ..chapters.parameter_efficient_finetuning import (SentenceClassifier, add_ia3, parameter_group, trainable_parameters,
+                                                       training_memory)
 
 __all__ = ["ReferenceLoRALinear", "reference_bitfit", "reference_zero_shot", "check_lora_linear",
            "check_bitfit", "check_zero_shot", "check_lora_search", "tiny_bert_classifier",
-           "reference_static_memory", "check_static_memory", "check_ia3_count", "check_prompt_pooling"]
+           "reference_static_memory", "check_static_memory", "check_ia3_count", "check_lora_all_linear_count",
+           "check_prompt_pooling"]
 
 
 _result = result
@@ -348,13 +349,34 @@ def check_static_memory(predict_fn, quiet=False) -> CheckResult:
                                "(full, BitFit, LoRA, head only).", quiet=quiet)
 
 
-# ----------------------------------------------------------------------------- IA3
-def _ia3_configs():
+# ----------------------------------------------------------------------------- counting what an adapter trains
+def _small_bert_configs():
     """Small BERT configs whose layer count, width and feed-forward width all differ."""
     from transformers import BertConfig
     shapes = ((2, 16, 32), (3, 8, 40), (1, 12, 24), (4, 20, 20))
     return [BertConfig(vocab_size=50, hidden_size=d, num_hidden_layers=n, num_attention_heads=2, intermediate_size=f,
                        max_position_embeddings=32) for n, d, f in shapes]
+
+
+def _check_count(name, count_fn, adapt, extra_args, what, hint, quiet) -> CheckResult:
+    """``count_fn(config, *extra)`` against the trainable count of ``adapt(BertModel(config), *extra)``
+    on the small BERT configs, for each tuple ``extra`` of ``extra_args``."""
+    from transformers import BertModel
+    for config in _small_bert_configs():
+        for extra in extra_args:
+            torch.manual_seed(0)
+            want = trainable_parameters(adapt(BertModel(config, add_pooling_layer=False), *extra))[0]
+            got, error = attempt(count_fn, config, *extra)
+            if error:
+                return _result(name, False, error, hint, quiet)
+            if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
+                return _result(name, False, f"returned {_describe(got)}; expected an int.", hint, quiet)
+            if int(got) != want:
+                return _result(name, False, f"for {config.num_hidden_layers} layers, hidden_size {config.hidden_size}, "
+                                            f"intermediate_size {config.intermediate_size}"
+                                            + "".join(f", r={r}" for r in extra)
+                                            + f": you count {int(got):,}, peft trains {want:,}.", hint, quiet)
+    return _result(name, True, f"equal to peft's trainable {what} count on 4 BERT shapes.", quiet=quiet)
 
 
 def check_ia3_count(count_fn, quiet=False) -> CheckResult:
@@ -364,25 +386,31 @@ def check_ia3_count(count_fn, quiet=False) -> CheckResult:
     second feed-forward matrix, :func:`~ptcourse.chapters.parameter_efficient_finetuning.add_ia3`) on
     four small random BERTs whose layer count, width and feed-forward width differ.
     """
-    from transformers import BertModel
-    name = "check_ia3_count"
     hint = ("per layer one vector for the key's outputs and one for the value's (hidden_size numbers each), and one "
             "for the INPUT of the second feed-forward matrix (intermediate_size numbers); times num_hidden_layers. "
             "No matrices, no biases, and the attention's output projection is not adapted.")
-    for config in _ia3_configs():
-        torch.manual_seed(0)
-        want = trainable_parameters(add_ia3(BertModel(config, add_pooling_layer=False)))[0]
-        assert want == ia3_parameter_count(config)
-        got, error = attempt(count_fn, config)
-        if error:
-            return _result(name, False, error, hint, quiet)
-        if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
-            return _result(name, False, f"returned {_describe(got)}; expected an int.", hint, quiet)
-        if int(got) != want:
-            return _result(name, False, f"for {config.num_hidden_layers} layers, hidden_size {config.hidden_size}, "
-                                        f"intermediate_size {config.intermediate_size}: you count {int(got):,}, peft "
-                                        f"trains {want:,}.", hint, quiet)
-    return _result(name, True, "equal to peft's trainable IA3 count on 4 BERT shapes.", quiet=quiet)
+    return _check_count("check_ia3_count", count_fn, add_ia3, [()], "IA3", hint, quiet)
+
+
+def _lora_all_linear(model, r):
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    with warnings.catch_warnings():        # peft asks transformers about checkpointing in words v6 renames
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+
+
+def check_lora_all_linear_count(count_fn, quiet=False) -> CheckResult:
+    """``count_fn(config, r) -> int``: the trainable parameters of rank-``r`` LoRA on every linear
+    layer of a BERT encoder of that config (``peft``'s ``target_modules="all-linear"``).
+
+    Compared with ``peft``'s trainable count on four small random BERTs and ranks 1, 4 and 8.
+    """
+    hint = ("a rank-r adapter on a d_in -> d_out matrix trains A [r, d_in] and B [d_out, r]: r (d_in + d_out). "
+            "Each layer has six linear layers: query, key, value and the attention output (hidden -> hidden), "
+            "then hidden -> intermediate and intermediate -> hidden; times num_hidden_layers. No biases.")
+    return _check_count("check_lora_all_linear_count", count_fn, _lora_all_linear, [(1,), (4,), (8,)],
+                        "LoRA (all linear)", hint, quiet)
 
 
 # ----------------------------------------------------------------------------- prompt tuning: pooling
