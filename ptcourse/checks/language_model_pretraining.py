@@ -1,5 +1,6 @@
 """Checks for chapter 06's exercises: causal self-attention, the next-token loss, sampling, nucleus
-(top-p) filtering, a KV-cache attention step, and the open-ended pretraining experiment.
+(top-p) filtering, a KV-cache attention step, one block copied into GPT-2, and the open-ended
+pretraining experiment.
 
 Example:
     >>> from ptcourse.checks.language_model_pretraining import check_causal_attention
@@ -258,6 +259,58 @@ def check_kv_cache_step(step_fn, quiet=False) -> CheckResult:
         hook.remove()
     return _result(name, None, "the same outputs as attention over the whole sequence, the cache grown by the new "
                                "keys and values, and only the new positions projected.", "", quiet)
+
+
+# ----------------------------------------------------------------------------- the GPT as GPT-2
+def _gpt2_pairs(block, gpt2_block):
+    """(GPT-2's module, our module, stored transposed?) for one block: the mapping ``to_gpt2`` uses."""
+    return [(gpt2_block.ln_1, block.ln1, False), (gpt2_block.attn.c_attn, block.attn.qkv, True),
+            (gpt2_block.attn.c_proj, block.attn.proj, True), (gpt2_block.ln_2, block.ln2, False),
+            (gpt2_block.mlp.c_fc, block.mlp[0], True), (gpt2_block.mlp.c_proj, block.mlp[2], True)]
+
+
+def check_gpt2_block_copy(copy_fn, quiet=False) -> CheckResult:
+    """``copy_fn(block, gpt2_block)``: copy one of the chapter's ``Block``s into a ``transformers``
+    ``GPT2Block`` in place, so that ``GPT2LMHeadModel`` computes the chapter's GPT.
+
+    A 2-layer GPT is converted with every other weight in place (:func:`~ptcourse.chapters.
+    language_model_pretraining.to_gpt2`) and its GPT-2 blocks overwritten with noise; ``copy_fn``
+    fills each, under ``torch.no_grad()``. Passes when the two models' logits agree; otherwise the
+    first GPT-2 tensor that does not hold its counterpart is named.
+    """
+    from ..chapters.language_model_pretraining import GPT, to_gpt2
+    name = "check_gpt2_block_copy"
+    hint = ("copy ln_1 <- ln1, attn.c_attn <- attn.qkv, attn.c_proj <- attn.proj, ln_2 <- ln2, mlp.c_fc <- mlp[0], "
+            "mlp.c_proj <- mlp[2], weights and biases, with .copy_(); GPT-2's Conv1D stores its weight [in, out], "
+            "the transpose of nn.Linear's [out, in], so copy linear weights as ours.weight.T.")
+    torch.manual_seed(0)
+    model = GPT(vocab_size=40, context=12, d_model=16, n_layers=2, n_heads=2).eval()
+    with torch.no_grad():                   # no two tensors alike (a fresh LayerNorm is all ones, every bias zero)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf = to_gpt2(model).eval()
+    with torch.no_grad():
+        for p in hf.transformer.h.parameters():
+            p.normal_()
+        for block, gpt2_block in zip(model.blocks, hf.transformer.h):
+            _, error = attempt(copy_fn, block, gpt2_block)
+            if error:
+                return _result(name, error, "", hint, quiet)
+        ids = torch.randint(0, 40, (2, 9))
+        gap = float((hf(ids, attention_mask=torch.ones_like(ids)).logits - model(ids)).abs().max())
+    if gap < 1e-4:
+        return _result(name, None, f"GPT2LMHeadModel gives the GPT's logits (max difference {gap:.1e}).", "", quiet)
+    for i, (block, gpt2_block) in enumerate(zip(model.blocks, hf.transformer.h)):
+        for theirs, ours, transposed in _gpt2_pairs(block, gpt2_block):
+            where = next(n for n, m in gpt2_block.named_modules() if m is theirs)
+            want = ours.weight.T if transposed else ours.weight
+            if transposed and theirs.weight.shape == ours.weight.shape and torch.equal(theirs.weight, ours.weight):
+                return _result(name, f"h[{i}].{where}.weight holds the weight untransposed: Conv1D stores [in, out].",
+                               "", hint, quiet)
+            if not (torch.equal(theirs.weight, want) and torch.equal(theirs.bias, ours.bias)):
+                return _result(name, f"h[{i}].{where} does not hold its counterpart's weight and bias.", "", hint,
+                               quiet)
+    return _result(name, f"the logits differ by up to {gap:.3g}.", "", hint, quiet)
 
 
 # ----------------------------------------------------------------------------- the open-ended experiment
