@@ -64,8 +64,20 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     return float((pred == torch.as_tensor(test_labels)).float().mean())
 
 
+def logistic_probe(C: float = 1.0, seed: int = 0):
+    """The course's linear probe, unfitted: standardisation, then a scikit-learn logistic regression.
+
+    Example:
+        >>> logistic_probe(C=0.1).fit(f_train, y_train).predict(f_val)
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+
+
 def fit_logistic_probe(x, y, C: float = 1.0, seed: int = 0):
-    """Fit a logistic regression on standardised frozen features (scikit-learn), with one BLAS thread.
+    """Fit :func:`logistic_probe` on frozen features, with one BLAS thread.
 
     Returns the fitted pipeline; score it with ``(probe.predict(f) == y).mean()``. One thread is
     the fast choice here: once PyTorch has run in the process, its OpenMP threads and OpenBLAS's
@@ -77,13 +89,9 @@ def fit_logistic_probe(x, y, C: float = 1.0, seed: int = 0):
     Example:
         >>> probe = fit_logistic_probe(f_train, y_train, C=0.1); (probe.predict(f_val) == y_val).mean()
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
     with threadpool_limits(limits=1, user_api="blas"):
-        return probe.fit(np.asarray(x, dtype=np.float64), np.asarray(y))
+        return logistic_probe(C, seed).fit(np.asarray(x, dtype=np.float64), np.asarray(y))
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float | None = None,
@@ -91,18 +99,18 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, C: float | 
     """Test accuracy of a logistic regression on frozen, standardised features (scikit-learn).
 
     ``C`` (inverse regularisation) is chosen by 3-fold cross-validation on the training
-    features when not given and every class has at least 3 examples; else 1.0. Each fit is
-    :func:`fit_logistic_probe`'s.
+    features when not given and every class has at least 3 examples; else 1.0. Every fit runs
+    with one BLAS thread, as in :func:`fit_logistic_probe`.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import cross_val_score
+    from threadpoolctl import threadpool_limits
 
     xtr, ytr = np.asarray(train_feats, dtype=np.float64), np.asarray(train_labels)
     xte, yte = np.asarray(test_feats, dtype=np.float64), np.asarray(test_labels)
-    if C is None:
-        C = 1.0
-        if np.bincount(ytr).min() >= 3:
-            folds = list(StratifiedKFold(3).split(xtr, ytr))
-            cv = lambda c: np.mean([(fit_logistic_probe(xtr[a], ytr[a], c, seed).predict(xtr[b]) == ytr[b]).mean()  # noqa: E731
-                                    for a, b in folds])
-            C = max((0.01, 0.1, 1.0, 10.0), key=cv)
-    return float((fit_logistic_probe(xtr, ytr, C, seed).predict(xte) == yte).mean())
+    with threadpool_limits(limits=1, user_api="blas"):
+        if C is None:
+            C = 1.0
+            if np.bincount(ytr).min() >= 3:
+                C = max((0.01, 0.1, 1.0, 10.0),
+                        key=lambda c: cross_val_score(logistic_probe(c, seed), xtr, ytr, cv=3).mean())
+        return float((logistic_probe(C, seed).fit(xtr, ytr).predict(xte) == yte).mean())
