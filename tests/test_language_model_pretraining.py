@@ -385,13 +385,13 @@ def test_check_kv_cache_step():
 
 def test_check_gpt2_block_copy():
     def right(block, gpt2_block):
-        for theirs, ours, transposed in checks._gpt2_pairs(block, gpt2_block):
-            theirs.weight.copy_(ours.weight.T if transposed else ours.weight)
+        for theirs, ours in lm.gpt2_block_pairs(block, gpt2_block):
+            theirs.weight.copy_(ours.weight.T if type(theirs).__name__ == "Conv1D" else ours.weight)
             theirs.bias.copy_(ours.bias)
     assert checks.check_gpt2_block_copy(right, quiet=True)
 
     def untransposed(block, gpt2_block):                     # square matrices copy without an error
-        for theirs, ours, transposed in checks._gpt2_pairs(block, gpt2_block):
+        for theirs, ours in lm.gpt2_block_pairs(block, gpt2_block):
             theirs.weight.copy_(ours.weight if theirs.weight.shape == ours.weight.shape else ours.weight.T)
             theirs.bias.copy_(ours.bias)
 
@@ -400,8 +400,8 @@ def test_check_gpt2_block_copy():
         gpt2_block.ln_1.weight.copy_(block.ln2.weight)
 
     def no_biases(block, gpt2_block):
-        for theirs, ours, transposed in checks._gpt2_pairs(block, gpt2_block):
-            theirs.weight.copy_(ours.weight.T if transposed else ours.weight)
+        for theirs, ours in lm.gpt2_block_pairs(block, gpt2_block):
+            theirs.weight.copy_(ours.weight.T if type(theirs).__name__ == "Conv1D" else ours.weight)
     slips = {"untransposed": untransposed, "h[0].ln_1 does not hold": swapped_norms,
              "does not hold its counterpart": no_biases,
              "raised RuntimeError": lambda b, h: h.attn.c_attn.weight.copy_(b.attn.qkv.weight)}

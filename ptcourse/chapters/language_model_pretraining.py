@@ -673,6 +673,21 @@ def gpt2_config(model: GPT, activation: str = "gelu"):
                       bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
+def gpt2_block_pairs(block: Block, gpt2_block) -> list:
+    """``(GPT-2's module, ours)`` for every weight-holding module of one transformer block: ``ln_1``
+    is our ``ln1``, ``attn.c_attn`` our fused ``attn.qkv``, ``attn.c_proj`` our ``attn.proj``, ``ln_2``
+    our ``ln2``, ``mlp.c_fc`` and ``mlp.c_proj`` our ``mlp[0]`` and ``mlp[2]``. GPT-2's linear layers
+    are ``Conv1D``, whose weight is the transpose of ``nn.Linear``'s.
+
+    Example:
+        >>> [type(theirs).__name__ for theirs, _ in gpt2_block_pairs(model.blocks[0], hf.transformer.h[0])]
+        ['LayerNorm', 'Conv1D', 'Conv1D', 'LayerNorm', 'Conv1D', 'Conv1D']
+    """
+    return [(gpt2_block.ln_1, block.ln1), (gpt2_block.attn.c_attn, block.attn.qkv),
+            (gpt2_block.attn.c_proj, block.attn.proj), (gpt2_block.ln_2, block.ln2),
+            (gpt2_block.mlp.c_fc, block.mlp[0]), (gpt2_block.mlp.c_proj, block.mlp[2])]
+
+
 @torch.no_grad()
 def to_gpt2(model: GPT, activation: str = "gelu"):
     """``transformers.GPT2LMHeadModel`` with ``model``'s weights: the same network under GPT-2's names.
@@ -695,8 +710,7 @@ def to_gpt2(model: GPT, activation: str = "gelu"):
     t.wpe.weight.copy_(model.pos_emb.weight)
     pairs = [(t.ln_f, model.ln_f)]
     for h, b in zip(t.h, model.blocks):
-        pairs += [(h.ln_1, b.ln1), (h.ln_2, b.ln2), (h.attn.c_attn, b.attn.qkv), (h.attn.c_proj, b.attn.proj),
-                  (h.mlp.c_fc, b.mlp[0]), (h.mlp.c_proj, b.mlp[2])]
+        pairs += gpt2_block_pairs(b, h)
     for theirs, ours in pairs:
         transposed = type(theirs).__name__ == "Conv1D"
         theirs.weight.copy_(ours.weight.T if transposed else ours.weight)

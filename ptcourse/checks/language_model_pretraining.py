@@ -262,13 +262,6 @@ def check_kv_cache_step(step_fn, quiet=False) -> CheckResult:
 
 
 # ----------------------------------------------------------------------------- the GPT as GPT-2
-def _gpt2_pairs(block, gpt2_block):
-    """(GPT-2's module, our module, stored transposed?) for one block: the mapping ``to_gpt2`` uses."""
-    return [(gpt2_block.ln_1, block.ln1, False), (gpt2_block.attn.c_attn, block.attn.qkv, True),
-            (gpt2_block.attn.c_proj, block.attn.proj, True), (gpt2_block.ln_2, block.ln2, False),
-            (gpt2_block.mlp.c_fc, block.mlp[0], True), (gpt2_block.mlp.c_proj, block.mlp[2], True)]
-
-
 def check_gpt2_block_copy(copy_fn, quiet=False) -> CheckResult:
     """``copy_fn(block, gpt2_block)``: copy one of the chapter's ``Block``s into a ``transformers``
     ``GPT2Block`` in place, so that ``GPT2LMHeadModel`` computes the chapter's GPT.
@@ -278,7 +271,7 @@ def check_gpt2_block_copy(copy_fn, quiet=False) -> CheckResult:
     fills each, under ``torch.no_grad()``. Passes when the two models' logits agree; otherwise the
     first GPT-2 tensor that does not hold its counterpart is named.
     """
-    from ..chapters.language_model_pretraining import GPT, to_gpt2
+    from ..chapters.language_model_pretraining import GPT, gpt2_block_pairs, to_gpt2
     name = "check_gpt2_block_copy"
     hint = ("copy ln_1 <- ln1, attn.c_attn <- attn.qkv, attn.c_proj <- attn.proj, ln_2 <- ln2, mlp.c_fc <- mlp[0], "
             "mlp.c_proj <- mlp[2], weights and biases, with .copy_(); GPT-2's Conv1D stores its weight [in, out], "
@@ -301,7 +294,8 @@ def check_gpt2_block_copy(copy_fn, quiet=False) -> CheckResult:
     if gap < 1e-4:
         return _result(name, None, f"GPT2LMHeadModel gives the GPT's logits (max difference {gap:.1e}).", "", quiet)
     for i, (block, gpt2_block) in enumerate(zip(model.blocks, hf.transformer.h)):
-        for theirs, ours, transposed in _gpt2_pairs(block, gpt2_block):
+        for theirs, ours in gpt2_block_pairs(block, gpt2_block):
+            transposed = type(theirs).__name__ == "Conv1D"
             where = next(n for n, m in gpt2_block.named_modules() if m is theirs)
             want = ours.weight.T if transposed else ours.weight
             if transposed and theirs.weight.shape == ours.weight.shape and torch.equal(theirs.weight, ours.weight):
